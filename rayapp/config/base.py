@@ -1,0 +1,135 @@
+"""Config building blocks shared by every job kind.
+
+Every model here forbids unknown fields, defaults every field and documents it
+with a one-line description, so ``rayapp validate`` can say what a misspelt or
+missing key should have been.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Adapter sizes the managed service offers; other positive ranks are allowed too.
+VERTEX_ADAPTER_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that refuses unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    path: str = Field("tiny", description="A local Hugging Face directory, or a built-in name: 'tiny', 'smollm2-135m-instruct'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for training (float32 on CPU: bf16 is slow without AVX-512).")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped inside the model directory to run.")
+    max_seq_len: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated (or flagged as bad rows).")
+
+
+class DataConfig(StrictModel):
+    train: str = Field("data/train.jsonl", description="Training data: a .jsonl or .parquet file, or a saved `datasets` directory.")
+    validation: str | None = Field(None, description="Validation data in the same format; omit to hold out `validation_split` of train.")
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of train held out for validation when no validation file is given.")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="Row format: input_text/output_text, messages/contents, or detect per row.")
+    on_bad_rows: Literal["error", "drop"] = Field("error", description="'error' stops before training at the first bad rows; 'drop' skips them and counts them in the stats.")
+    overlong: Literal["truncate", "bad_row"] = Field("truncate", description="What to do with an example longer than model.max_seq_len.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick experiments).")
+    chat_template: Literal["auto", "always", "never"] = Field("auto", description="Render rows with the tokenizer's chat template: 'auto' uses it when the tokenizer has one; 'never' joins input_text and output_text as plain text.")
+
+
+class TrainConfig(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractional allowed); ignored when max_steps is set.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    global_batch_size: int = Field(16, gt=0, description="Examples per optimizer step, over all workers.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward/backward on one worker; gradient accumulation fills the rest.")
+    learning_rate: float = Field(1.0e-4, gt=0, description="Peak learning rate of AdamW.")
+    learning_rate_multiplier: float = Field(1.0, gt=0, description="Vertex-style multiplier applied to learning_rate.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to learning_rate * min_lr_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; null disables clipping.")
+    eval_every: int = Field(50, gt=0, description="Run validation every N optimizer steps (and at the end).")
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N optimizer steps (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
+    log_every: int = Field(1, gt=0, description="Append a metrics.jsonl row every N optimizer steps.")
+    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.learning_rate * self.learning_rate_multiplier
+
+
+class AdapterConfig(StrictModel):
+    rank: int = Field(8, gt=0, description="LoRA rank (Vertex's adapter_size; 1, 2, 4, 8, 16, 32 are its choices).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to 2 * rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | str = Field("all-linear", description="Module names to adapt, or 'all-linear'.")
+    export: Literal["adapter", "merged", "both"] = Field("both", description="Write adapter/, a merged model/, or both.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class ResourcesConfig(StrictModel):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a cluster; 8 is the usual job size).")
+    use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); false trains on CPU over gloo.")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs Ray reserves per worker.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data-parallel replicas (ddp) or sharded parameters (fsdp) for models that do not fit one device.")
+    max_failures: int = Field(0, ge=0, description="Restarts of the worker group from the last checkpoint after a worker dies.")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of one device, for `rayapp plan` (default: 80 for GPUs, host memory for CPU).")
+
+
+class DeployConfig(StrictModel):
+    enabled: bool = Field(False, description="Serve the job's result on Ray Serve when it succeeds.")
+    name: str | None = Field(None, description="Model name clients send in the `model` field; defaults to the job name.")
+    host: str = Field("127.0.0.1", description="HTTP host for Ray Serve's proxy.")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP port for Ray Serve's proxy.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: int = Field(16, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key; clients must send it as a Bearer token.")
+    api_key_file: str | None = Field(None, description="File holding the API key (alternative to api_key_env).")
+    max_model_len: int | None = Field(None, gt=0, description="Context length of the served engine (default: the model's).")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica on a cluster.")
+    use_gpu: bool = Field(False, description="Serve on GPUs; false serves with the vLLM CPU build.")
+    blocking: bool = Field(False, description="Keep the CLI in the foreground serving until Ctrl-C.")
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> DeployConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"deploy.min_replicas ({self.min_replicas}) is larger than deploy.max_replicas "
+                f"({self.max_replicas}); raise max_replicas or lower min_replicas"
+            )
+        return self
+
+
+class EngineConfig(StrictModel):
+    """A vLLM engine pool: the teacher for distillation, the rollout engine for RL."""
+
+    num_engines: int = Field(1, gt=0, description="vLLM engine actors in the pool.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine on a cluster.")
+    use_gpu: bool = Field(False, description="Run engines on GPUs; false uses the vLLM CPU build.")
+    cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs Ray reserves per engine actor.")
+    max_model_len: int = Field(1024, gt=16, description="Engine context length (prompt + generation).")
+    max_num_seqs: int = Field(64, gt=0, description="Sequences batched together by the engine.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of device memory vLLM takes on GPU.")
+    enforce_eager: bool = Field(True, description="Skip graph compilation (much faster start on CPU).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Engine dtype (float32 on CPU).")
+    seed: int = Field(0, description="Engine sampling seed.")
+
+
+class SamplingConfig(StrictModel):
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 disables.")
+    max_tokens: int = Field(256, gt=0, description="Most tokens generated per completion.")
+    n: int = Field(1, gt=0, description="Completions per prompt.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion.")
+    logprobs: int | None = Field(None, ge=0, description="Return the top-k logprobs of each generated token.")
+    seed: int | None = Field(None, description="Per-request seed for reproducible sampling.")

@@ -1,0 +1,115 @@
+"""Resolve, load and save models: local Hugging Face directories in safetensors, no hub.
+
+``resolve_model("tiny")`` builds (once) the locally trained tiny model;
+``resolve_model("smollm2-135m-instruct")`` converts (once) the packaged SmolLM2;
+any other value must be an existing directory with config.json and *.safetensors.
+Built models are cached under ``$RAYAPP_CACHE`` (default ``~/.cache/rayapp``), guarded by a
+file lock so concurrent workers build once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from rayapp.errors import UserError
+from rayapp.models.packaged import PACKAGED, convert_packaged
+from rayapp.models.tiny import TinySpec, build_tiny_model
+
+BUILTIN_NAMES = ("tiny", *PACKAGED)
+
+
+class ModelError(UserError, ValueError):
+    """A model reference that cannot be used, with what to do about it."""
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("RAYAPP_CACHE", Path.home() / ".cache" / "rayapp"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resolve_model(ref: str) -> Path:
+    """Turn a model reference into a local directory, building or converting built-in models once."""
+    if ref == "tiny" or ref.startswith("tiny:"):
+        spec = TinySpec()
+        out = cache_dir() / "models" / f"tiny-{spec.key()}"
+        with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
+            if not (out / "config.json").exists():
+                build_tiny_model(out, spec)
+        return out
+    if ref in PACKAGED:
+        out = cache_dir() / "models" / ref
+        with _file_lock(cache_dir() / "locks" / f"{ref}.lock"):
+            if not (out / "config.json").exists():
+                convert_packaged(ref, out)
+        return out
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"model.path '{ref}': no such directory, and not a built-in model ({', '.join(BUILTIN_NAMES)}); "
+            "nothing is downloaded, so give a local Hugging Face directory"
+        )
+    if not (path / "config.json").exists():
+        raise ModelError(f"model.path '{ref}': {path} has no config.json; is it a Hugging Face model directory?")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(
+            f"model.path '{ref}': {path} has no *.safetensors weights; rayapp loads safetensors only "
+            "(convert .bin weights with `model.save_pretrained(dir, safe_serialization=True)`)"
+        )
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(ref: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(str(ref))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(ref: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(str(ref))
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def save_model_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """save_pretrained into a temporary sibling, then rename into place: a reader never sees half a model."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
