@@ -1,0 +1,7 @@
+"""Training maths as pure torch functions: tensors in, tensors out.
+
+No ray, vllm or transformers imports anywhere in this package (a test checks it). Modules:
+``sft`` (token NLL sums), ``step_by_step`` (two-task distillation), ``kd`` (logit KD / GKD),
+``features`` (hidden-state KD), ``relations`` (RKD / similarity KD), ``preference`` (reward
+model, DPO), ``rl`` (GAE, GRPO, PPO, KL estimators). Import the submodule you need.
+"""

@@ -1,0 +1,64 @@
+"""Supervised fine-tuning maths: causal-LM token NLL and accuracy as *sums*.
+
+Why sums and not means: a loss is the mean NLL over every labelled token of the global batch,
+
+    L = (sum_r sum_m S_{r,m}) / (sum_r sum_m N_{r,m})
+
+with S the NLL sum and N the token count of micro-batch m on rank r. Per-micro-batch or
+per-rank means do not combine to this: mean_r(S_r / N_r) != sum S_r / sum N_r whenever the
+ranks hold different numbers of labelled tokens (e.g. S=(2, 9), N=(1, 3): mean of means is
+2.5, global mean is 11/4 = 2.75). So callers sum here, all-reduce the token count once per
+optimiser step, and divide every micro-batch's sum by that global count before backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(values * mask) over ``dim`` (all dims when None). ``mask`` is bool or 0/1 float."""
+    prod = values * mask.to(values.dtype)
+    return prod.sum() if dim is None else prod.sum(dim=dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask) over ``dim`` (all dims when None). Where the mask is all
+    zero the result is 0, not NaN (numerator 0, denominator clamped to a tiny positive)."""
+    m = mask.to(values.dtype)
+    num = (values * m).sum() if dim is None else (values * m).sum(dim=dim)
+    den = m.sum() if dim is None else m.sum(dim=dim)
+    return num / den.clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal shift: position t's logits predict token t+1.  -> (B, T-1, V), (B, T-1)"""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the labelled tokens, and how many there are.
+
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX (-100) where no loss is taken (prompt,
+    padding). With the causal shift, nll = -sum_{b, t: y_{b,t+1} != -100} log softmax(z_{b,t})[y_{b,t+1}].
+    Computed in float32 for stability. Returns (loss_sum () float, n_tokens () long).
+    """
+    z, y = _shift(logits, labels)                                   # (B, T-1, V), (B, T-1)
+    loss_sum = F.cross_entropy(z.float().reshape(-1, z.size(-1)), y.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    n_tokens = (y != IGNORE_INDEX).sum()
+    return loss_sum, n_tokens
+
+
+def next_token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, n): how many labelled next tokens are the argmax of the shifted logits. Both () long."""
+    z, y = _shift(logits, labels)                                   # (B, T-1, V), (B, T-1)
+    mask = y != IGNORE_INDEX                                        # (B, T-1)
+    correct = ((z.argmax(dim=-1) == y) & mask).sum()
+    return correct, mask.sum()
