@@ -1,0 +1,69 @@
+"""Distilling step-by-step (Hsieh et al., 2023, "Distilling Step-by-Step! Outperforming Larger
+Language Models with Less Training Data and Smaller Model Sizes").
+
+The student is trained on two tasks built from one teacher-annotated example (x, y, r):
+
+    "predict: " + x  ->  y        (label task)
+    "explain: " + x  ->  r        (rationale task)
+
+and at inference only the label task is asked, so rationales cost nothing at serving time.
+
+The paper writes L = L_label + lambda * L_rationale. We use alpha * L_label + (1 - alpha) *
+L_rationale as the reference code does (google-research/distilling-step-by-step,
+``TaskPrefixTrainer.compute_loss``); with rationale_weight := 1 - alpha, rationale_weight = 0
+(alpha = 1) is standard fine-tuning on labels alone. The reference runs a seq2seq model (T5);
+for a causal LM the prefix + input is the prompt and only the target tokens carry the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayapp.algorithms.sft import token_nll_sum
+
+LABEL_TASK = "predict"
+RATIONALE_TASK = "explain"
+
+
+def two_task_examples(input_text: str, label: str, rationale: str | None,
+                      predict_prefix: str = "predict: ",
+                      explain_prefix: str = "explain: ") -> list[tuple[str, str, str]]:
+    """[(task, prompt, target)]: the label example, then the rationale example when there is a
+    non-empty rationale (a row without one still trains the label task).
+
+    >>> two_task_examples("2+2?", "4", "2 plus 2 is 4")
+    [('predict', 'predict: 2+2?', '4'), ('explain', 'explain: 2+2?', '2 plus 2 is 4')]
+    """
+    out = [(LABEL_TASK, predict_prefix + input_text, label)]
+    if rationale is not None and rationale.strip():
+        out.append((RATIONALE_TASK, explain_prefix + input_text, rationale))
+    return out
+
+
+def two_task_loss(label_loss: torch.Tensor, rationale_loss: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * L_label + (1 - alpha) * L_rationale, alpha in [0, 1] (reference-code convention;
+    the paper's lambda corresponds to (1 - alpha) / alpha up to the overall scale)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 1.0:  # standard fine-tuning: do not let a NaN/inf rationale loss leak in via 0 * inf
+        return label_loss
+    return alpha * label_loss + (1.0 - alpha) * rationale_loss
+
+
+def split_task_nll_sums(logits: torch.Tensor, labels: torch.Tensor, is_rationale: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token NLL sums per task for a micro-batch that mixes both tasks.
+
+    logits (B, T, V), labels (B, T) with -100, is_rationale (B,) bool.
+    Returns (label_sum, label_n, rationale_sum, rationale_n); divide each sum by its task's
+    global token count, then combine with ``two_task_loss`` (each task is a mean over its own
+    tokens, as in the reference where each task is a separate forward pass).
+    """
+    is_rationale = is_rationale.bool()                               # (B,)
+    lab = labels.clone()
+    lab[is_rationale] = -100
+    rat = labels.clone()
+    rat[~is_rationale] = -100
+    label_sum, label_n = token_nll_sum(logits, lab)
+    rationale_sum, rationale_n = token_nll_sum(logits, rat)
+    return label_sum, label_n, rationale_sum, rationale_n
