@@ -158,7 +158,6 @@ def fit(
     if G % (micro_batch_size * world):
         raise ValueError(f"global batch {G} is not a multiple of micro-batch {micro_batch_size} x {world} workers")
     per_rank = G // world
-    accum = per_rank // micro_batch_size
     total = total_steps_for(cfg, n)
     params = [p for p in model.parameters() if p.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
