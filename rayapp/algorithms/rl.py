@@ -204,7 +204,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     r = returns.detach().float()
     err = (v - r) ** 2
     if clip is None:
-        return 0.5 * _agg(err, mask, normaliser), torch.zeros(())
+        return 0.5 * _agg(err, mask, normaliser), torch.zeros((), device=v.device)
     old = old_values.detach().float()
     v_clip = old + torch.clamp(v - old, -clip, clip)
     err_clip = (v_clip - r) ** 2

@@ -19,9 +19,15 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _weighted(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(values.dtype)
+    return torch.where(m != 0, values * m, torch.zeros_like(values))
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum(values * mask) over ``dim`` (all dims when None). ``mask`` is bool or 0/1 float."""
-    prod = values * mask.to(values.dtype)
+    """sum(values * mask) over ``dim`` (all dims when None). ``mask`` is bool or float weights;
+    masked-out entries count as 0 even when they hold inf/NaN (padding garbage)."""
+    prod = _weighted(values, mask)
     return prod.sum() if dim is None else prod.sum(dim=dim)
 
 
@@ -29,7 +35,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     """sum(values * mask) / sum(mask) over ``dim`` (all dims when None). Where the mask is all
     zero the result is 0, not NaN (numerator 0, denominator clamped to a tiny positive)."""
     m = mask.to(values.dtype)
-    num = (values * m).sum() if dim is None else (values * m).sum(dim=dim)
+    prod = _weighted(values, mask)
+    num = prod.sum() if dim is None else prod.sum(dim=dim)
     den = m.sum() if dim is None else m.sum(dim=dim)
     return num / den.clamp(min=torch.finfo(values.dtype).tiny)
 

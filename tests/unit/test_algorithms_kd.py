@@ -154,3 +154,28 @@ def test_unknown_names():
     with pytest.raises(ValueError, match="unknown top-k mode"):
         topk_kd_loss(torch.zeros(1, 1, 2), torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1),
                      ONE, topk_mode="x")
+
+
+def test_forward_kl_gradient_is_q_minus_p_times_t():
+    # d/dz_s [T^2 KL(p_T || softmax(z_s / T))] = T (q_T - p_T)
+    zs = torch.tensor([[[0.0, math.log(3.0)]]], requires_grad=True)
+    zt = torch.zeros(1, 1, 2)
+    for temp in (1.0, 2.0):
+        zs.grad = None
+        kd_loss(zs, zt, ONE, "forward_kl", temperature=temp)[0].backward()
+        q = torch.softmax(zs.detach() / temp, -1)
+        assert torch.allclose(zs.grad, temp * (q - 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["tail", "renormalise"])
+@pytest.mark.parametrize("name", sorted(KD_DIVERGENCES))
+def test_topk_gradcheck(mode, name):
+    torch.manual_seed(0)
+    zs = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    lp, ids = torch.log_softmax(torch.randn(1, 2, 6, dtype=torch.float64), -1).topk(3, dim=-1)
+
+    def f(z):
+        s, t = {"tail": topk_buckets_with_tail, "renormalise": topk_buckets_renormalised}[mode](z, ids, lp)
+        return KD_DIVERGENCES[name](s, t, 0.3)
+
+    assert torch.autograd.gradcheck(f, (zs,))

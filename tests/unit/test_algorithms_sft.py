@@ -62,3 +62,12 @@ def test_masked_helpers():
 def test_shape_errors():
     with pytest.raises(ValueError, match="expected logits"):
         token_nll_sum(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_masked_helpers_ignore_nan_in_masked_out_entries():
+    v = torch.tensor([1.0, float("nan"), float("inf")], requires_grad=True)
+    m = torch.tensor([1.0, 0.0, 0.0])
+    out = masked_mean(v, m)
+    assert out.item() == 1.0 and masked_sum(v, m).item() == 1.0
+    out.backward()
+    assert v.grad.tolist() == [1.0, 0.0, 0.0]
