@@ -1,0 +1,308 @@
+"""A pool of Ray actors, each holding one vLLM engine: generate, score, update_weights, sleep/wake.
+
+:class:`LocalEngine` is the engine wrapper itself (plain Python, used inside an actor or a
+Ray Data stage); :class:`VLLMEnginePool` starts ``engine.num_engines`` actors running it and
+spreads requests over them. Prompts are tokenized here rather than in vLLM so that an empty
+prompt or one longer than the engine's context comes back as a :class:`Completion` with
+``error`` set instead of failing the whole request (vLLM rejects the batch).
+
+On CPU, vLLM's sleep/wake only pauses the scheduler (there is no device memory to free);
+on GPU ``sleep()`` offloads weights and drops the KV cache (sleep level 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rayapp.config.base import EngineConfig, SamplingConfig
+from rayapp.errors import UserError
+from rayapp.teachers import EMPTY_PROMPT, PROMPT_TOO_LONG, Completion
+
+log = logging.getLogger(__name__)
+
+
+class EngineInputError(UserError, ValueError):
+    """Sequences handed to score() that the engine cannot take."""
+
+
+def engine_env(engine: EngineConfig) -> dict[str, str]:
+    """Environment variables an engine process needs (vLLM reads them at import)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))), "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+    return env
+
+
+def llm_kwargs(model_path: str, engine: EngineConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        dtype=engine.dtype,
+        enforce_eager=engine.enforce_eager,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        seed=engine.seed,
+        tensor_parallel_size=engine.tensor_parallel_size,
+    )
+    if engine.use_gpu:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        if engine.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"
+    else:
+        kwargs["gpu_memory_utilization"] = 0.3  # host memory on CPU; the KV cache size comes from engine_env
+    return kwargs
+
+
+def sampling_params(sampling: SamplingConfig | dict, **overrides):
+    """SamplingConfig -> vllm.SamplingParams."""
+    from vllm import SamplingParams
+
+    s = sampling.model_dump() if isinstance(sampling, SamplingConfig) else dict(sampling)
+    s.update(overrides)
+    return SamplingParams(
+        n=s["n"],
+        temperature=s["temperature"],
+        top_p=s["top_p"],
+        top_k=s["top_k"] if s["top_k"] and s["top_k"] > 0 else -1,
+        max_tokens=s["max_tokens"],
+        stop=s["stop"] or None,
+        logprobs=s["logprobs"],
+        seed=s["seed"],
+    )
+
+
+class LocalEngine:
+    """One vLLM engine in this process. Methods take and return plain Python (Ray-friendly)."""
+
+    def __init__(self, model_path: str, engine: dict | EngineConfig):
+        engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine)
+        for key, value in engine_env(engine).items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        started = time.perf_counter()
+        self.engine = engine
+        self.model_path = str(model_path)
+        self.llm = LLM(**llm_kwargs(model_path, engine))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.start_seconds = time.perf_counter() - started
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        if isinstance(prompt, list):  # chat messages
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def _check(self, prompt: str | list[dict], ids: list[int]) -> tuple[str, str] | None:
+        """(finish_reason, message) for a prompt that must not go to the engine, else None."""
+        empty = (not prompt) if isinstance(prompt, list) else not str(prompt).strip()
+        if empty:
+            return EMPTY_PROMPT, "the prompt is empty; give non-empty input_text or messages"
+        if len(ids) >= self.engine.max_model_len:
+            return PROMPT_TOO_LONG, (
+                f"the prompt has {len(ids)} tokens but the engine's context is engine.max_model_len="
+                f"{self.engine.max_model_len}; shorten the prompt or raise engine.max_model_len"
+            )
+        return None
+
+    def generate(self, prompts: list, sampling: dict, indices: list[int] | None = None) -> list[dict]:
+        """Generate for ``prompts`` (texts or message lists); one dict per completion (see Completion)."""
+        from vllm.inputs import TokensPrompt
+
+        indices = list(range(len(prompts))) if indices is None else indices
+        params = sampling_params(sampling)
+        results: list[dict] = []
+        todo, todo_idx, todo_len = [], [], []
+        for prompt, index in zip(prompts, indices, strict=True):
+            try:
+                ids = self.encode(prompt) if prompt else []
+                problem = self._check(prompt, ids)
+            except Exception as e:  # not text, or a chat template that refuses the messages
+                ids, problem = [], (EMPTY_PROMPT, f"the prompt could not be rendered ({type(e).__name__}: {e})")
+            if problem:
+                reason, message = problem
+                results.append(dict(text="", token_ids=[], finish_reason=reason, prompt_index=index, prompt_tokens=len(ids), error=message))
+                continue
+            todo.append(TokensPrompt(prompt_token_ids=ids))
+            todo_idx.append(index)
+            todo_len.append(len(ids))
+        if todo:
+            outputs = self.llm.generate(todo, params, use_tqdm=False)
+            for out, index, n_prompt in zip(outputs, todo_idx, todo_len, strict=True):
+                for k, c in enumerate(out.outputs):
+                    logprobs = None
+                    if c.logprobs is not None:
+                        logprobs = [{int(t): float(lp.logprob) for t, lp in d.items()} for d in c.logprobs]
+                    results.append(
+                        dict(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason, logprobs=logprobs,
+                             prompt_index=index, sample_index=k, prompt_tokens=n_prompt)
+                    )
+        return results
+
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[Any]]:
+        """Per sequence, for each token after the first: its logprob given the prefix (top_k=0) or
+        a dict {token: logprob} holding the top_k tokens plus the given one (top_k>0)."""
+        from vllm.inputs import TokensPrompt
+
+        for i, seq in enumerate(sequences):
+            if len(seq) < 2:
+                raise EngineInputError(f"score(): sequence {i} has {len(seq)} tokens; it needs at least 2 (the first has no logprob)")
+            if len(seq) >= self.engine.max_model_len:
+                raise EngineInputError(
+                    f"score(): sequence {i} has {len(seq)} tokens but engine.max_model_len is {self.engine.max_model_len}; "
+                    "raise engine.max_model_len or shorten the sequences"
+                )
+        params = sampling_params(SamplingConfig(max_tokens=1, temperature=0.0))
+        params.prompt_logprobs = top_k
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        scored = []
+        for seq, out in zip(sequences, outputs, strict=True):
+            per_pos = out.prompt_logprobs[1:]
+            if top_k:
+                scored.append([{int(t): float(lp.logprob) for t, lp in d.items()} for d in per_pos])
+            else:
+                scored.append([float(d[tok].logprob) for tok, d in zip(seq[1:], per_pos, strict=True)])
+        return scored
+
+    # -- weights and memory --------------------------------------------------------------------
+    def reload_weights(self, weights_dir: str) -> float:
+        """Load every *.safetensors in ``weights_dir`` (Hugging Face names) into the running engine."""
+        started = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
+
+    def load_state(self, state: dict) -> float:
+        """Write a state dict to /dev/shm as safetensors and reload from there (tensors cannot go
+        through collective_rpc on CPU: they arrive as lists)."""
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.mkdtemp(prefix="rayapp-weights-", dir=shm)
+        try:
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+            save_file(tensors, os.path.join(tmp, "model.safetensors"))
+            return self.reload_weights(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        self.llm.wake_up()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path}
+
+
+def _to_completions(rows: list[dict]) -> list[Completion]:
+    return [Completion(**row) for row in rows]
+
+
+class VLLMEnginePool:
+    """``engine.num_engines`` Ray actors, each a :class:`LocalEngine`; implements ``Generator``."""
+
+    def __init__(self, model_path: str | Path, engine: EngineConfig | None = None, name: str = "teacher"):
+        from rayapp.models.io import resolve_model
+        from rayapp.runtime import check_resources, ensure_ray
+
+        engine = engine or EngineConfig()
+        self.engine = engine
+        self.model_path = str(resolve_model(str(model_path)))
+        ray = ensure_ray()
+        gpus = engine.num_engines * engine.tensor_parallel_size if engine.use_gpu else 0
+        check_resources(cpus=engine.num_engines * engine.cpus_per_engine, gpus=gpus, what=f"the {name} engine pool (engine.num_engines={engine.num_engines})")
+        self._placement_groups = []
+        actor_cls = ray.remote(LocalEngine)
+        self.actors = []
+        for _ in range(engine.num_engines):
+            options: dict[str, Any] = {"num_cpus": engine.cpus_per_engine, "runtime_env": {"env_vars": engine_env(engine)}}
+            if engine.use_gpu and engine.tensor_parallel_size == 1:
+                options["num_gpus"] = 1
+            elif engine.use_gpu:  # vLLM starts its TP workers as Ray actors inside this placement group
+                from ray.util.placement_group import placement_group
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                pg = placement_group([{"GPU": 1, "CPU": 1}] * engine.tensor_parallel_size)
+                ray.get(pg.ready())
+                self._placement_groups.append(pg)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+            self.actors.append(actor_cls.options(**options).remote(self.model_path, engine.model_dump()))
+        self._ray = ray
+        self.infos = ray.get([a.info.remote() for a in self.actors])  # waits for every engine to start
+        log.info("%s: %d vLLM engine(s) ready (%s)", name, len(self.actors), ", ".join(f"{i['start_seconds']:.0f}s" for i in self.infos))
+
+    def _spread(self, n: int) -> list[list[int]]:
+        """Indices 0..n-1 dealt round-robin over the engines (uneven lengths average out)."""
+        return [list(range(k, n, len(self.actors))) for k in range(len(self.actors))]
+
+    def generate(self, prompts: list[str] | list[list[dict]], sampling: SamplingConfig | None = None) -> list[Completion]:
+        """Completions ordered by (prompt_index, sample_index)."""
+        sampling = sampling or SamplingConfig()
+        s = sampling.model_dump()
+        refs = [
+            actor.generate.remote([prompts[i] for i in idx], s, idx)
+            for actor, idx in zip(self.actors, self._spread(len(prompts)), strict=True)
+            if idx
+        ]
+        rows = [row for part in self._ray.get(refs) for row in part]
+        rows.sort(key=lambda r: (r["prompt_index"], r.get("sample_index", 0)))
+        return _to_completions(rows)
+
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[float]]:
+        """Logprob of each token given its prefix: ``len(seq) - 1`` values per sequence (the first
+        token has none). With ``top_k`` > 0, use :meth:`score_top_k` for the top-k per position."""
+        return self._score(sequences, 0)
+
+    def score_top_k(self, sequences: list[list[int]], top_k: int) -> list[list[dict[int, float]]]:
+        """Per position after the first: {token: logprob} for the top_k tokens plus the given token."""
+        return self._score(sequences, top_k)
+
+    def _score(self, sequences, top_k):
+        spread = self._spread(len(sequences))
+        refs = [a.score.remote([sequences[i] for i in idx], top_k) for a, idx in zip(self.actors, spread, strict=True) if idx]
+        out: list = [None] * len(sequences)
+        for idx, part in zip([i for i in spread if i], self._ray.get(refs), strict=True):
+            for i, values in zip(idx, part, strict=True):
+                out[i] = values
+        return out
+
+    def update_weights(self, state: str | Path | dict) -> float:
+        """Load new weights into every engine; ``state`` is a safetensors directory visible on every
+        node, or a state dict (Hugging Face parameter names). Returns the seconds it took."""
+        started = time.perf_counter()
+        if isinstance(state, (str, Path)):
+            self._ray.get([a.reload_weights.remote(str(state)) for a in self.actors])
+        else:
+            ref = self._ray.put(dict(state))
+            self._ray.get([a.load_state.remote(ref) for a in self.actors])
+        return time.perf_counter() - started
+
+    def sleep(self) -> None:
+        self._ray.get([a.sleep.remote() for a in self.actors])
+
+    def wake(self) -> None:
+        self._ray.get([a.wake.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        if self._placement_groups:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self._placement_groups:
+                remove_placement_group(pg)
+            self._placement_groups = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,110 @@
+"""The vLLM actor pool on the CPU build, with the tiny model: generate, logprobs, score,
+update_weights, sleep/wake, and bad prompts coming back as errors instead of crashing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rayapp.config.base import EngineConfig, SamplingConfig
+from rayapp.teachers import EMPTY_PROMPT, PROMPT_TOO_LONG, Generator
+
+PROMPTS = ["The cat sat on the", "2 + 3 =", "Once upon a time", "Hello there, how", "A B C D"]
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model_dir):
+    from rayapp.teachers.pool import VLLMEnginePool
+
+    engine = EngineConfig(num_engines=2, cpus_per_engine=1, max_model_len=128, max_num_seqs=16, kv_cache_gib=1)
+    p = VLLMEnginePool(tiny_model_dir, engine)
+    yield p
+    p.shutdown()
+
+
+def greedy(max_tokens=8, **kw):
+    return SamplingConfig(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def test_pool_is_a_generator_with_one_actor_per_engine(pool):
+    assert isinstance(pool, Generator)
+    assert len(pool.actors) == 2
+    assert len({info["pid"] for info in pool.infos}) == 2  # two separate engine processes
+
+
+def test_generate_returns_completions_with_top_k_logprobs(pool):
+    k = 3
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    out = pool.generate(PROMPTS + chats, SamplingConfig(temperature=1.0, max_tokens=6, logprobs=k, seed=1))
+    assert [c.prompt_index for c in out] == list(range(2 * len(PROMPTS)))
+    for c in out:
+        assert c.ok and c.finish_reason in ("stop", "length")
+        assert 1 <= len(c.token_ids) <= 6
+        assert len(c.logprobs) == len(c.token_ids)
+        for tok, top in zip(c.token_ids, c.logprobs, strict=True):
+            assert k <= len(top) <= k + 1 and tok in top  # top-k, plus the sampled token when outside it
+            assert all(lp <= 0.0 for lp in top.values())
+    # chat prompts go through the ChatML template: longer than the bare text
+    assert all(out[i + 5].prompt_tokens > out[i].prompt_tokens for i in range(5))
+
+
+def test_n_samples_per_prompt(pool):
+    out = pool.generate(PROMPTS[:2], SamplingConfig(temperature=1.0, max_tokens=4, n=3, seed=0))
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(i, k) for i in range(2) for k in range(3)]
+
+
+def test_bad_prompts_are_reported_not_fatal(pool):
+    too_long = "word " * 400
+    out = pool.generate(["", PROMPTS[0], too_long, "   ", []], greedy())
+    reasons = [c.finish_reason for c in out]
+    assert reasons[0] == EMPTY_PROMPT and reasons[2] == PROMPT_TOO_LONG and reasons[3] == EMPTY_PROMPT
+    assert reasons[4] == EMPTY_PROMPT
+    assert out[1].ok and out[1].token_ids
+    assert "engine.max_model_len=128" in out[2].error
+
+
+def test_score_matches_generation_logprobs(pool, tiny_tokenizer):
+    out = pool.generate(PROMPTS, greedy(max_tokens=6, logprobs=1))
+    seqs = [tiny_tokenizer.encode(p) + c.token_ids for p, c in zip(PROMPTS, out, strict=True)]
+    scores = pool.score(seqs)
+    for seq, s, c in zip(seqs, scores, out, strict=True):
+        assert len(s) == len(seq) - 1  # one logprob per token after the first
+        assert all(isinstance(v, float) and v <= 0.0 for v in s)
+        generated = s[-len(c.token_ids):]
+        expected = [lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(generated, expected, strict=True))
+    top = pool.score_top_k(seqs[:1], top_k=4)[0]
+    assert len(top) == len(seqs[0]) - 1
+    assert all(4 <= len(d) <= 5 and tok in d for tok, d in zip(seqs[0][1:], top, strict=True))
+
+
+def test_update_weights_changes_greedy_output_and_back(pool, tiny_model_dir):
+    import torch
+
+    from rayapp.models.io import load_causal_lm
+
+    before = [c.token_ids for c in pool.generate(PROMPTS, greedy())]
+    model = load_causal_lm(str(tiny_model_dir))
+    torch.manual_seed(0)
+    state = {k: v + 0.5 * torch.randn_like(v) if v.dim() == 2 else v for k, v in model.state_dict().items()}
+    seconds = pool.update_weights(state)
+    changed = [c.token_ids for c in pool.generate(PROMPTS, greedy())]
+    assert changed != before
+    print(f"update_weights(state dict) took {seconds * 1000:.0f} ms for 2 engines")
+    pool.update_weights(tiny_model_dir)  # a directory path: back to the original weights
+    assert [c.token_ids for c in pool.generate(PROMPTS, greedy())] == before
+
+
+def test_sleep_then_wake_serves_again(pool):
+    before = [c.token_ids for c in pool.generate(PROMPTS[:2], greedy())]
+    pool.sleep()
+    pool.wake()
+    assert [c.token_ids for c in pool.generate(PROMPTS[:2], greedy())] == before
+
+
+def test_score_rejects_sequences_it_cannot_take(pool):
+    import ray
+
+    with pytest.raises((ray.exceptions.RayTaskError, ValueError), match="at least 2"):
+        pool.score([[5]])
