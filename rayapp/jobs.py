@@ -1,0 +1,279 @@
+"""Submit jobs to a Ray cluster through the Ray Jobs API, and follow, list and stop them.
+
+    rayapp submit jobs/sft_tiny.yaml --address http://HEAD:8265 [a.b=value ...] [--follow]
+    rayapp jobs list | status ID | logs ID [--follow] | stop ID
+
+The local project directory (``--working-dir``, default the current directory) travels in the
+job's ``runtime_env`` as its ``working_dir``, without virtual environments, outputs, caches or
+.git; the job YAML must lie inside it. On the cluster the job's current directory is that copy and
+the entrypoint is ``python -m rayapp.cli run JOB [overrides]``, so the copied ``rayapp`` package is
+the one that runs even where the ``rayapp`` console script is not installed, and relative data
+paths mean what they mean on the laptop. ``output_dir`` should be an absolute shared path or an
+object-store URI (``s3://...``): a relative one lands inside the job's temporary working directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rayapp.errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Never uploaded: environments, outputs, caches, VCS data. Patterns use .gitignore syntax.
+WORKING_DIR_EXCLUDES = [
+    ".venv/", "venv/", "env/", ".env/", "outputs/", ".git/", "__pycache__/", "*.pyc",
+    ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", "*.egg-info/", "bench/results/", "node_modules/",
+]
+# Ray's job states -> ours. Ray 2.60 has the same five; a state added later shows as UNKNOWN(<name>).
+STATES = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED", "STOPPED": "STOPPED"}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobsError(UserError, RuntimeError):
+    pass
+
+
+def map_state(ray_status) -> str:
+    name = str(getattr(ray_status, "value", ray_status))
+    return STATES.get(name, f"UNKNOWN({name})")
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else $RAYAPP_JOBS_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL, else localhost:8265."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    address = (address or os.environ.get("RAYAPP_JOBS_ADDRESS")
+               or (ray_address if ray_address.startswith(("http://", "https://")) else None) or DEFAULT_ADDRESS)
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray's token auth (on by default since Ray 2.5x): the token from $RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` prints it on the head)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def client(address: str | None = None):
+    """A JobSubmissionClient for the cluster's dashboard address (``http://HEAD:8265``)."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    addr = resolve_address(address)
+    try:
+        return JobSubmissionClient(addr, headers=auth_headers())
+    except AuthenticationError:
+        raise JobsError(
+            f"the Ray cluster at {addr} wants an auth token: run `ray get-auth-token` on the head and set "
+            "RAY_AUTH_TOKEN (or save it to ~/.ray/auth_token) here"
+        ) from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise JobsError(
+            f"cannot reach the Ray Jobs API at {addr} ({str(e).splitlines()[0]}); is the cluster up? "
+            "Give --address http://HEAD:8265 (`ray dashboard cluster.yaml` forwards it to localhost:8265)"
+        ) from None
+
+
+def _call(fn, job_id: str, *args):
+    try:
+        return fn(job_id, *args)
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise JobsError(f"no job '{job_id}' on this cluster; `rayapp jobs list` shows the ids") from None
+        raise
+
+
+def build_submission(job: str, overrides: list[str] | None = None, working_dir: str = ".",
+                     env: dict[str, str] | None = None, python: str = "python") -> dict:
+    """The keyword arguments for ``JobSubmissionClient.submit_job``: entrypoint, runtime_env, metadata."""
+    root = Path(working_dir).resolve()
+    job_path = Path(job).resolve()
+    if not root.is_dir():
+        raise JobsError(f"--working-dir {working_dir}: not a directory")
+    if not job_path.is_file():
+        raise JobsError(f"{job}: file not found")
+    try:
+        rel = job_path.relative_to(root)
+    except ValueError:
+        raise JobsError(
+            f"{job}: the job file must lie inside the working directory {root}, which is what travels to "
+            "the cluster; move it there or pass --working-dir with a directory that contains it"
+        ) from None
+    args = [python, "-m", "rayapp.cli", "run", rel.as_posix(), *(overrides or [])]
+    runtime_env: dict = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
+    if env:
+        runtime_env["env_vars"] = dict(env)
+    metadata = {"rayapp_job_file": rel.as_posix(), "submitted_from": os.uname().nodename}
+    return {"entrypoint": shlex.join(args), "runtime_env": runtime_env, "metadata": metadata}
+
+
+def submit(job: str, address: str | None = None, overrides: list[str] | None = None, working_dir: str = ".",
+           env: dict[str, str] | None = None, submission_id: str | None = None, check: bool = True,
+           python: str = "python") -> str:
+    """Validate the config locally (unless ``check`` is false), submit it, and return the submission id."""
+    kwargs = build_submission(job, overrides, working_dir, env, python)
+    if check:
+        from rayapp.config import load_job
+
+        cfg = load_job(job, overrides)
+        kwargs["metadata"].update(rayapp_kind=cfg.kind, rayapp_name=getattr(cfg, "name", ""))
+        out = getattr(cfg, "output_dir", None)
+        if isinstance(out, str) and "://" not in out and not os.path.isabs(out):
+            print(f"warning: output_dir '{out}' is relative: on the cluster it is written inside the job's temporary "
+                  "working directory; give an absolute shared path or an s3:// / gs:// URI", file=sys.stderr)
+    c = client(address)
+    try:
+        return c.submit_job(submission_id=submission_id, **kwargs)
+    except RuntimeError as e:
+        raise JobsError(f"the cluster refused the submission: {e}") from None
+
+
+def status(job_id: str, address: str | None = None) -> str:
+    return map_state(_call(client(address).get_job_status, job_id))
+
+
+def wait(job_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 1.0) -> str:
+    """Poll until the job reaches a terminal state and return it."""
+    c = client(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = map_state(_call(c.get_job_status, job_id))
+        if state in TERMINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise JobsError(f"job {job_id} still {state} after {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
+def logs(job_id: str, address: str | None = None) -> str:
+    return _call(client(address).get_job_logs, job_id)
+
+
+def follow(job_id: str, address: str | None = None, out=None) -> str:
+    """Stream the job's logs until it ends; return its final state."""
+    out = out or sys.stdout
+    c = client(address)
+    _call(c.get_job_info, job_id)
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError:  # the log socket closed early: fall back to polling
+        pass
+    return wait(job_id, address)
+
+
+def stop(job_id: str, address: str | None = None, wait_s: float = 60) -> str:
+    """Ask Ray to stop the job (SIGTERM to the entrypoint, SIGKILL after a grace period); return its state."""
+    c = client(address)
+    _call(c.stop_job, job_id)
+    return wait(job_id, address, timeout_s=wait_s)
+
+
+def list_jobs(address: str | None = None) -> list[dict]:
+    """Submitted jobs, oldest first, as dicts with id, state, start, end, name, message, entrypoint."""
+    rows = []
+    for j in client(address).list_jobs():
+        if not j.submission_id:  # drivers that connected directly, not submitted jobs
+            continue
+        meta = j.metadata or {}
+        rows.append({
+            "id": j.submission_id, "state": map_state(j.status), "start": j.start_time, "end": j.end_time,
+            "name": meta.get("rayapp_name") or meta.get("rayapp_job_file") or "", "message": j.message or "",
+            "entrypoint": j.entrypoint,
+        })
+    return sorted(rows, key=lambda r: r["start"] or 0)
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise JobsError(f"--env {item}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _cmd_submit(args) -> int:
+    job_id = submit(args.job, args.address, args.overrides, args.working_dir, _parse_env(args.env),
+                    args.submission_id, check=not args.skip_local_check, python=args.python)
+    print(job_id, flush=True)
+    if not args.follow:
+        print(f"follow it with: rayapp jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    state = follow(job_id, args.address)
+    print(f"{job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _cmd_jobs(args) -> int:
+    if args.action == "list":
+        rows = list_jobs(args.address)
+        print(f"{'ID':<34} {'STATE':<10} {'STARTED':<20} {'ENDED':<20} NAME")
+        for r in rows:
+            print(f"{r['id']:<34} {r['state']:<10} {_when(r['start']):<20} {_when(r['end']):<20} {r['name']}")
+        return 0
+    if not args.id:
+        raise JobsError(f"rayapp jobs {args.action}: give a job id (`rayapp jobs list` shows them)")
+    if args.action == "status":
+        info = _call(client(args.address).get_job_info, args.id)
+        print(f"{args.id}: {map_state(info.status)}")
+        if info.message:
+            print(f"message: {info.message}")
+        print(f"started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
+        print(f"entrypoint: {info.entrypoint}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            state = follow(args.id, args.address)
+            print(f"{args.id}: {state}", file=sys.stderr)
+        else:
+            sys.stdout.write(logs(args.id, args.address))
+        return 0
+    if args.action == "stop":
+        state = stop(args.id, args.address)
+        print(f"{args.id}: {state}")
+        return 0 if state == "STOPPED" else 1
+    raise AssertionError(args.action)
+
+
+def register_cli(subparsers) -> None:
+    address_help = f"Ray dashboard address, http://HEAD:8265 (default: $RAYAPP_JOBS_ADDRESS, an http $RAY_ADDRESS, else {DEFAULT_ADDRESS})"
+    p = subparsers.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API; prints its id")
+    p.add_argument("job", help="job YAML file, inside the working directory")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, passed on to `rayapp run`")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--working-dir", default=".", help="project directory uploaded with the job (default: .)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
+    p.add_argument("--submission-id", help="id to give the job (default: Ray makes one)")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 0 only if it succeeded")
+    p.add_argument("--python", default="python", help="Python on the cluster that runs `-m rayapp.cli` (default: python)")
+    p.add_argument("--skip-local-check", action="store_true",
+                   help="send the job without validating its config here (e.g. a kind this install lacks)")
+    p.set_defaults(func=_cmd_submit)
+
+    p = subparsers.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("id", nargs="?", help="submission id (from `rayapp submit` or `rayapp jobs list`)")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    p.set_defaults(func=_cmd_jobs)
