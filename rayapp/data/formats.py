@@ -100,6 +100,11 @@ class TeacherOutput:
 SFTRecord = TextExample | ChatExample
 
 
+def present(row: dict) -> dict:
+    """The row without null values: parquet and `datasets` give every row every column, null where absent."""
+    return {k: v for k, v in row.items() if v is not None}
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -239,6 +244,7 @@ def detect_sft_format(row: dict, fmt: str = "auto") -> str:
 
 def parse_sft_row(row: dict, fmt: str = "auto") -> SFTRecord:
     """One tuning row (text or chat) as a TextExample or ChatExample."""
+    row = present(row)
     kind = detect_sft_format(row, fmt)
     if kind == "text":
         return TextExample(require_text(row, "input_text"), require_text(row, "output_text"))
@@ -263,6 +269,7 @@ def parse_prompt_messages(row: dict) -> tuple[list[Message], set[str]]:
 
 def parse_prompt(row: dict) -> PromptRecord:
     """A prompt for RL rollouts or batch generation; every other key (label, id, ...) is kept in extra."""
+    row = present(row)
     messages, used = parse_prompt_messages(row)
     return PromptRecord(messages, {k: v for k, v in row.items() if k not in used})
 
@@ -279,6 +286,7 @@ def _response_text(row: dict, key: str) -> str:
 
 def parse_preference(row: dict) -> PreferencePair:
     """``{input_text|messages, candidate_0, candidate_1, choice}`` or ``{prompt, chosen, rejected}``."""
+    row = present(row)
     if "chosen" in row or "rejected" in row or "prompt" in row:
         prompt = row.get("prompt")
         if prompt is None and "prompt" not in row and ("messages" in row or "input_text" in row):
@@ -304,10 +312,11 @@ def parse_preference(row: dict) -> PreferencePair:
 
 def parse_distill_input(row: dict) -> DistillInput:
     """``{input_text, output_text?}``: ``output_text`` (or ``label``) is the gold label, if any."""
+    row = present(row)
     text = require_text(row, "input_text")
     label = None
     for key in ("output_text", "label"):
-        if key in row and row[key] is not None:
+        if key in row:
             label = require_text(row, key)
             break
     return DistillInput(text, label, {k: v for k, v in row.items() if k not in ("input_text", "output_text", "label")})
@@ -315,6 +324,7 @@ def parse_distill_input(row: dict) -> DistillInput:
 
 def parse_teacher_output(row: dict) -> TeacherOutput:
     """A teacher-labelled row written by the batch job: label, rationale and the teacher that made them."""
+    row = present(row)
     text, label, rationale = (require_text(row, k) for k in ("input_text", "label", "rationale"))
     teacher = row.get("teacher")
     if teacher is None:

@@ -207,3 +207,25 @@ def test_preference_prompt_and_distill_loaders(tmp_path):
     f = write_lines(tmp_path / "teacher.jsonl", [{"input_text": "a", "label": "b", "rationale": "r", "teacher": teacher}])
     outputs, stats = load_teacher_outputs(f)
     assert outputs[0].teacher.sampling == {"temperature": 0.0} and stats.examples == 1
+
+
+def test_parquet_and_datasets_dir_with_mixed_formats(tmp_path, tiny_tokenizer):
+    """Columnar files give every row every column (null where absent): nulls count as absent keys."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [GOOD[0], GOOD[1], {"input_text": "q", "output_text": None}]
+    expected = [
+        encode_example(tiny_tokenizer, TextExample("What is 2 + 2?", "4"), 64),
+        encode_example(tiny_tokenizer, ChatExample(GOOD[1]["messages"]), 64),
+    ]
+    columns = {k: [r.get(k) for r in rows] for k in ("input_text", "output_text", "messages")}
+    pq.write_table(pa.Table.from_pydict(columns), tmp_path / "t.parquet")
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "ds"))
+    for path in (tmp_path / "t.parquet", tmp_path / "ds"):
+        with pytest.raises(DataError) as e:
+            load_sft_dataset(path, tiny_tokenizer, DataConfig(), 64)
+        assert e.value.problems == [f"{path}:3: output_text: missing"]
+        ds = load_sft_dataset(path, tiny_tokenizer, DataConfig(on_bad_rows="drop"), 64)
+        assert ds.examples == expected and ds.stats.dropped == 1
