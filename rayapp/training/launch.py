@@ -57,7 +57,7 @@ def worker_setup(num_threads_hint: float = 1.0) -> dict:
 def launch(worker_fn, worker_config: dict, cfg):
     """Run ``worker_fn`` on Ray Train workers for a TrainingJobConfig ``cfg``; returns the Ray Train Result."""
     ensure_ray()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = cfg.resources
@@ -80,6 +80,8 @@ def launch(worker_fn, worker_config: dict, cfg):
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=r.max_failures),
+            # Ray Train logs every report at INFO; our own progress line says what matters.
+            logging_config=LoggingConfig(log_level=os.environ.get("RAYAPP_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
     return trainer.fit()

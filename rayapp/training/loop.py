@@ -350,6 +350,7 @@ def _progress(name: str, unit: str, step: int, total: int, m: dict, elapsed: flo
     print(
         f"[{name}] {step:>5}/{total} ▕{bar}▏ loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} "
         f"{m['units_per_s']:.0f} {unit}/s eta {int(eta) // 60}:{int(eta) % 60:02d}",
-        file=sys.stdout,
+        # sys.__stdout__: Ray Train patches print() to also log it, which would show every line twice.
+        file=sys.__stdout__,
         flush=True,
     )

@@ -23,15 +23,9 @@ from rayapp.training.common import (
 
 def load_data(cfg, tokenizer):
     """(train, validation or None) as SFTDatasets; raises DataError naming file:line:field for bad rows."""
-    from rayapp.data.sft import load_sft_dataset, split_validation
+    from rayapp.data.sft import load_sft_splits
 
-    train = load_sft_dataset(cfg.data.train, tokenizer, cfg.data, cfg.model.max_seq_len)
-    val = None
-    if cfg.data.validation:
-        val = load_sft_dataset(cfg.data.validation, tokenizer, cfg.data, cfg.model.max_seq_len)
-    elif cfg.data.validation_split:
-        train, val = split_validation(train, cfg.data.validation_split, cfg.train.seed)
-    return train, val
+    return load_sft_splits(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed)
 
 
 def validate(cfg) -> str:

@@ -1,0 +1,127 @@
+"""Ray Train recipe overhead vs a plain single-process PyTorch loop, in one run.
+
+Same model, same tokenized data, same batches (global 8 = micro 4 x 2 accumulation), same
+number of optimizer steps. The plain loop is what a user would write by hand
+(`model(..., labels=...).loss.backward()`); the recipe is `rayapp.training.sft.run` with one
+Ray Train worker. Throughput is supervised tokens per second over the steady-state steps
+(the first step, with its warm-up allocations, is excluded on both sides); wall time
+including start-up is reported separately.
+
+    .venv/bin/python bench/sft_overhead.py [--model smollm2-135m-instruct] [--steps 12]
+
+Writes bench/results/sft_overhead.json with {"ratio": recipe / plain tokens/s, "target": 0.9}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def plain_loop(model_dir: str, examples: list, pad_id: int, steps: int, micro: int, accum: int, lr: float) -> dict:
+    import torch
+
+    from rayapp.data.collate import collate_sft
+    from rayapp.models.io import load_causal_lm
+    from rayapp.training.loop import global_batch_indices
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_causal_lm(model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rates = []
+    t_all = time.perf_counter()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        idx = global_batch_indices(step, len(examples), micro * accum, seed=0)
+        tokens = 0
+        for k in range(accum):
+            batch = collate_sft([examples[i] for i in idx[k * micro : (k + 1) * micro]], pad_id)
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+            loss = model(**batch).loss / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(tokens / (time.perf_counter() - t0))
+    return {"tokens_per_s": statistics.mean(rates[1:]), "wall_s": time.perf_counter() - t_all, "final_loss": float(loss) * accum}
+
+
+def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, lr: float, max_seq_len: int) -> dict:
+    from rayapp.config import load_job_dict
+    from rayapp.training.sft import run
+
+    out = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    cfg = load_job_dict(
+        {
+            "kind": "sft",
+            "name": "bench_sft",
+            "model": {"path": model_ref, "max_seq_len": max_seq_len},
+            "data": {"train": train_path},
+            "train": {
+                "max_steps": steps, "global_batch_size": micro * accum, "micro_batch_size": micro,
+                "learning_rate": lr, "warmup_ratio": 0, "min_lr_ratio": 1.0,
+                "checkpoint_every": 10_000, "eval_every": 10_000,
+            },
+            "resources": {"num_workers": 1},
+            "output_dir": str(out),
+        }
+    )
+    t0 = time.perf_counter()
+    run(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", default=str(ROOT / "data/sft_chat/train.jsonl"))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    args = ap.parse_args()
+    lr = 1e-5
+
+    from rayapp.config.base import DataConfig
+    from rayapp.data.sft import load_sft_dataset
+    from rayapp.models.io import load_tokenizer, resolve_model
+
+    model_dir = str(resolve_model(args.model))
+    tok = load_tokenizer(model_dir)
+    ds = load_sft_dataset(args.data, tok, DataConfig(train=args.data), args.max_seq_len)
+
+    print(f"model {args.model}, {len(ds.examples)} examples, {args.steps} steps of {args.micro}x{args.accum}, {os.cpu_count()} cores", flush=True)
+    plain = plain_loop(model_dir, ds.examples, tok.pad_token_id, args.steps, args.micro, args.accum, lr)
+    ray_recipe = recipe(args.model, args.data, args.steps, args.micro, args.accum, lr, args.max_seq_len)
+    ratio = ray_recipe["tokens_per_s"] / plain["tokens_per_s"]
+
+    print(f"\n{'':24}{'tokens/s':>12}{'wall s':>10}{'final loss':>12}")
+    for name, r in (("plain PyTorch loop", plain), ("Ray Train recipe (1 wkr)", ray_recipe)):
+        print(f"{name:24}{r['tokens_per_s']:>12.1f}{r['wall_s']:>10.1f}{r['final_loss']:>12.4f}")
+    print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.9)")
+    result = {
+        "name": "sft_overhead", "model": args.model, "steps": args.steps, "micro_batch": args.micro, "accum": args.accum,
+        "max_seq_len": args.max_seq_len, "cores": os.cpu_count(), "plain": plain, "recipe": ray_recipe,
+        "ratio": ratio, "target": 0.9,
+    }
+    out = ROOT / "bench" / "results" / "sft_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

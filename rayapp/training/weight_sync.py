@@ -1,0 +1,174 @@
+"""Push the policy's new weights from the Ray Train workers into every vLLM rollout engine.
+
+One interface, two transports:
+
+- :class:`SharedMemorySync` (CPU, one node; what runs here): rank 0 writes the full policy
+  state dict (Hugging Face names, LoRA merged, value head left out) as safetensors into
+  ``/dev/shm`` and every engine reloads it in place with vLLM's ``reload_weights``
+  (``LocalEngine.reload_weights``). No tensor goes through Ray's object store or an RPC
+  argument (on CPU they would arrive as lists).
+- :class:`NcclBroadcastSync` (GPUs, a cluster): rank 0 joins an NCCL group with the engines'
+  workers and broadcasts every parameter with vLLM's weight-transfer engine
+  (``NCCLTrainerWeightTransferEngine``; CUDA IPC is the same interface with ``backend: ipc``
+  when trainer and engine share a GPU). **Untested here: this machine has no GPU.** It also
+  needs the engines started with ``weight_transfer_config={"backend": "nccl"}``.
+
+``push(model)`` is called by every rank (the state dict gather is a collective under FSDP) and
+returns the seconds rank 0 spent, which the RL loop reports as ``time_sync_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Protocol
+
+import torch
+
+
+class WeightSync(Protocol):
+    def push(self, model: torch.nn.Module) -> float: ...
+
+    def close(self) -> None: ...
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP, and the causal LM inside a CausalLMWithValueHead."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "lm", model)
+
+
+def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The causal LM's parameters under their Hugging Face names, LoRA merged in, on CPU.
+
+    For a peft model the adapters are merged into a copy of each base weight
+    (W + scale * B @ A via peft's merge/unmerge), so training continues on the unmerged model."""
+    lm = unwrap(model)
+    if hasattr(lm, "merge_adapter") and hasattr(lm, "get_base_model"):
+        with torch.no_grad():
+            lm.merge_adapter()
+            try:
+                state = {}
+                for name, tensor in lm.get_base_model().state_dict().items():
+                    if "lora_" in name:
+                        continue
+                    state[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu", copy=True)
+            finally:
+                lm.unmerge_adapter()
+        return state
+    return {k: v.detach().to("cpu") for k, v in lm.state_dict().items()}
+
+
+def _shm_root() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class SharedMemorySync:
+    """CPU path: safetensors in /dev/shm, then ``reload_weights`` on every engine actor."""
+
+    def __init__(self, engine_actors: list, rank: int):
+        self.actors = list(engine_actors)
+        self.rank = rank
+        self.last: dict[str, float] = {}
+
+    def push(self, model: torch.nn.Module) -> float:
+        import ray
+        from safetensors.torch import save_file
+
+        if self.rank != 0:
+            return 0.0
+        started = time.perf_counter()
+        state = policy_state_dict(model)
+        gathered = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="rayapp-sync-", dir=_shm_root())
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+            written = time.perf_counter()
+            ray.get([a.reload_weights.remote(tmp) for a in self.actors])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        done = time.perf_counter()
+        self.last = {"gather_s": gathered - started, "write_s": written - gathered, "reload_s": done - written}
+        return done - started
+
+    def close(self) -> None:
+        pass
+
+
+class _EngineActorClient:
+    """vLLM's VLLMWeightSyncClient protocol over our LocalEngine actors (their ``llm`` attribute)."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def _all(self, method: str, *args):
+        import ray
+
+        return ray.get([a.__ray_call__.remote(lambda engine, *a, m=method: getattr(engine.llm, m)(*a), *args) for a in self.actors])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info) -> None:
+        self._all("update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", weight_version)
+
+
+class NcclBroadcastSync:
+    """GPU path: NCCL broadcast from train rank 0 to every engine worker. UNTESTED (no GPU here).
+
+    Group layout: trainer rank 0 is NCCL rank 0, the engines' workers follow
+    (``world_size = 1 + sum of engine tensor-parallel sizes``). Other train ranks only take
+    part in the trainer-side gather."""
+
+    def __init__(self, engine_actors: list, rank: int, engines_world: int, master_address: str | None = None, master_port: int = 29611):
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        self.rank = rank
+        self._model_source = None
+        self._source_cls = ModuleSource
+        info = NCCLTrainerInitInfo(
+            rank=rank,
+            master_address=master_address or _node_ip(),
+            master_port=master_port,
+            world_size=1 + engines_world,
+        )
+        self._init = (NCCLTrainerWeightTransferEngine, info, _EngineActorClient(list(engine_actors)))
+        self._engine = None
+
+    def push(self, model: torch.nn.Module) -> float:
+        started = time.perf_counter()
+        if self._engine is None:
+            cls, info, client = self._init
+            self._engine = cls.trainer_init(info, client=client, source=self._source_cls(unwrap(model)))
+        self._engine.send_weights()
+        return time.perf_counter() - started if self.rank == 0 else 0.0
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def build_weight_sync(kind: str, engine_actors: list, rank: int, use_gpu: bool, engines_world: int = 1) -> WeightSync:
+    """``rl.weight_sync``: 'shm', 'nccl', or 'auto' (nccl on GPUs, shm on CPU)."""
+    if kind == "auto":
+        kind = "nccl" if use_gpu else "shm"
+    if kind == "nccl":
+        return NcclBroadcastSync(engine_actors, rank, engines_world)
+    return SharedMemorySync(engine_actors, rank)
