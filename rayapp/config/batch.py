@@ -20,7 +20,6 @@ class RationalesConfig(StrictModel):
     task_type: Literal["free", "choice", "yesno", "number"] = Field("free", description="Answer kind: picks the default few-shot template and how labels are parsed and compared.")
     system: str | None = Field(None, description="System prompt replacing the template's default.")
     shots: list[FewShotConfig] | None = Field(None, description="Few-shot examples replacing the template's defaults.")
-    chat: Literal["auto", "always", "never"] = Field("auto", description="Render prompts with the tokenizer's chat template ('auto': when the model has one).")
     self_consistency_n: int = Field(1, gt=0, description="Completions sampled per question; the majority label wins (needs sampling.temperature > 0 when > 1).")
     gold_filter: Literal["drop", "flag", "off"] = Field("drop", description="Rows whose teacher label disagrees with the gold label (output_text): drop them, keep them with gold_match: false, or do not check.")
 
@@ -35,6 +34,7 @@ class BatchJobConfig(StrictModel):
     on_bad_rows: Literal["error", "drop"] = Field("drop", description="Input rows that cannot be parsed: 'error' stops before generating; 'drop' counts them and lists them in rejects.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings for each replica (engine.num_engines is ignored: see concurrency).")
     concurrency: list[int] = Field(default_factory=lambda: [1, 1], description="[min, max] engine replicas of the autoscaling Ray Data actor pool.")
+    chat: Literal["auto", "always", "never"] = Field("auto", description="Send input_text as a user message through the tokenizer's chat template ('auto': when the model has one); messages rows always use it.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for every prompt.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Template, parsing and filtering when task is 'rationales'.")
     batch_size: int = Field(32, gt=0, description="Rows handed to an engine replica at a time (vLLM batches them continuously).")
