@@ -1,0 +1,163 @@
+"""`kind: pipeline` — run named stages in order, skipping the ones already done.
+
+Each stage is a job of another kind, run by that kind's recipe. After a stage succeeds its
+output directory gets ``.stage.json`` with a fingerprint of what it was run from: the resolved
+stage config, the content of the input files it names, and the fingerprints of the stages it
+reads from. A re-run skips a stage whose fingerprint is unchanged, so editing one stage re-runs
+it and everything downstream of it, and nothing else. A failing stage stops the pipeline with
+its error; finished stages keep their outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from rayapp.config import load_job_dict
+from rayapp.errors import UserError
+from rayapp.training.common import write_json_atomic
+
+STATE_FILE = ".stage.json"
+
+
+class StageFailed(UserError):
+    pass
+
+
+def _file_digest(path: Path, h) -> None:
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                h.update(str(p.relative_to(path)).encode())
+                h.update(str(p.stat().st_size).encode())
+                h.update(str(int(p.stat().st_mtime)).encode())
+
+
+def _input_paths(value, inside: list[Path]) -> list[Path]:
+    """Existing files / dirs named in a stage config, except those inside pipeline stage outputs."""
+    found: list[Path] = []
+    if isinstance(value, str) and len(value) < 4096 and ("/" in value or value.endswith((".jsonl", ".parquet"))):
+        p = Path(value)
+        if p.exists() and not any(p.resolve().is_relative_to(d) for d in inside):
+            found.append(p)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k != "output_dir":
+                found += _input_paths(v, inside)
+    elif isinstance(value, list):
+        for v in value:
+            found += _input_paths(v, inside)
+    return found
+
+
+def stage_fingerprint(cfg, name: str, upstream: dict[str, str]) -> str:
+    stage = cfg.resolved_stage(name)
+    h = hashlib.sha256(json.dumps(stage, sort_keys=True, default=str).encode())
+    stage_dirs = [Path(cfg.stage_output_dir(s)).resolve() for s in cfg.stages]
+    for p in sorted(set(_input_paths(stage, stage_dirs))):
+        h.update(str(p).encode())
+        _file_digest(p, h)
+    for dep in cfg.dependencies(name):
+        h.update(f"{dep}={upstream.get(dep, '')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_state(out: Path) -> dict | None:
+    try:
+        return json.loads((out / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def validate(cfg) -> str:
+    from rayapp.training import recipe
+
+    lines = []
+    for name in cfg.stages:
+        stage_cfg = load_job_dict(cfg.resolved_stage(name), source=f"stages.{name}")
+        deps = cfg.dependencies(name)
+        lines.append(f"stage {name} ({stage_cfg.kind})" + (f" <- {', '.join(deps)}" if deps else ""))
+        if not deps:  # later stages read files that earlier stages have not written yet
+            report = recipe(stage_cfg.kind).validate(stage_cfg)
+            if report:
+                lines.extend("  " + line for line in report.splitlines())
+    return "\n".join(lines)
+
+
+def run(cfg) -> dict:
+    from rayapp.training import recipe
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(cfg.stages)
+    fingerprints: dict[str, str] = {}
+    timings: dict[str, dict] = {}
+    t_pipeline = time.perf_counter()
+    for i, name in enumerate(names, start=1):
+        stage_dict = cfg.resolved_stage(name)
+        stage_cfg = load_job_dict(stage_dict, source=f"stages.{name}")
+        stage_out = Path(cfg.stage_output_dir(name))
+        fp = stage_fingerprint(cfg, name, fingerprints)
+        fingerprints[name] = fp
+        header = f"== stage {i}/{len(names)}: {name} ({stage_cfg.kind}) "
+        state = _read_state(stage_out)
+        if cfg.only is not None and name not in cfg.only:
+            print(f"{header}— not selected (only: {cfg.only})", flush=True)
+            continue
+        if cfg.skip_finished and state and state.get("status") == "succeeded" and state.get("fingerprint") == fp:
+            print(f"{header}— done before with the same inputs, skipped ({state.get('wall_s', 0):.0f} s then)", flush=True)
+            timings[name] = {"kind": stage_cfg.kind, "status": "skipped", "wall_s": state.get("wall_s"), "summary": state.get("summary", {})}
+            continue
+        print(f"{header}{'=' * max(0, 60 - len(header))}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            summary = recipe(stage_cfg.kind).run(stage_cfg) or {}
+        except Exception as e:
+            wall = time.perf_counter() - t0
+            timings[name] = {"kind": stage_cfg.kind, "status": "failed", "wall_s": round(wall, 1), "error": str(e)}
+            write_json_atomic(out / "pipeline.json", {"name": cfg.name, "stages": timings})
+            done = [n for n, t in timings.items() if t["status"] in ("succeeded", "skipped")]
+            raise StageFailed(
+                f"stage '{name}' ({stage_cfg.kind}) failed after {wall:.0f} s: {type(e).__name__}: {e}\n"
+                f"  finished stages keep their outputs ({', '.join(done) or 'none'}); fix the problem and re-run: "
+                f"finished stages are skipped"
+            ) from e
+        wall = time.perf_counter() - t0
+        stage_out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            stage_out / STATE_FILE,
+            {"status": "succeeded", "fingerprint": fp, "wall_s": round(wall, 1), "summary": summary, "finished_at": time.time()},
+        )
+        timings[name] = {"kind": stage_cfg.kind, "status": "succeeded", "wall_s": round(wall, 1), "summary": summary}
+        print(f"[{name}] done in {wall:.0f} s", flush=True)
+    total = time.perf_counter() - t_pipeline
+    write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
+    print(_timing_table(timings, total), flush=True)
+    result = {"pipeline": str(out / "pipeline.json"), "wall_time_s": round(total, 1)}
+    for name, t in timings.items():
+        for key in ("report", "endpoint", "served_model", "answer"):
+            if key in t.get("summary", {}):
+                result[f"{name}.{key}"] = t["summary"][key]
+    return result
+
+
+def _timing_table(timings: dict, total: float) -> str:
+    lines = ["", f"{'stage':<16}{'kind':<14}{'status':<11}{'wall s':>8}"]
+    for name, t in timings.items():
+        wall = t.get("wall_s")
+        lines.append(f"{name:<16}{t['kind']:<14}{t['status']:<11}{(f'{wall:.0f}' if wall is not None else '-'):>8}")
+    lines.append(f"{'total':<41}{total:>8.0f}")
+    return "\n".join(lines)
+
+
+def stage_summary(pipeline_dir: str | os.PathLike, stage: str) -> dict:
+    """The summary a finished stage recorded (for tools and tests)."""
+    state = _read_state(Path(pipeline_dir) / stage)
+    return (state or {}).get("summary", {})
