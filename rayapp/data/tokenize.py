@@ -79,7 +79,7 @@ def response_spans(tokenizer, messages: list[Message], template: str | None = No
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], template)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], template)
         if not upto.startswith(prompt) or not full.startswith(upto):
             raise TemplateError(
                 f"the chat template renders turn {i} differently once later turns are added "
@@ -95,12 +95,17 @@ def _tokenize_masked(tokenizer, text: str, spans: list[tuple[int, int]], add_spe
 
     A token that straddles the prompt/response boundary (BPE merging ``" 4"`` after ``"assistant:"``)
     carries response text, so it is supervised."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=getattr(tokenizer, "is_fast", False))
-    ids = list(enc["input_ids"])
-    if "offset_mapping" in enc:
-        offsets = enc["offset_mapping"]
-        keep = [any(a < e and b > s for s, e in spans) for a, b in offsets]
-        return ids, [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:  # the Rust tokenizer directly: same ids and offsets, a third of the overhead
+        enc = backend.encode(text, add_special_tokens=add_special_tokens)
+        ids, labels, spans = list(enc.ids), [], sorted(spans)
+        k = 0  # spans are sorted and offsets increase: walk both once
+        for t, (a, b) in zip(ids, enc.offsets, strict=True):
+            while k < len(spans) and spans[k][1] <= a:
+                k += 1
+            labels.append(t if k < len(spans) and a < spans[k][1] and b > spans[k][0] else IGNORE_INDEX)
+        return ids, labels
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
     # Slow tokenizers have no offsets: a span covers the tokens between its tokenized prefixes.
     labels = [IGNORE_INDEX] * len(ids)
     for s, e in spans:

@@ -137,3 +137,25 @@ def test_template_that_rewrites_history_is_refused(tiny_tokenizer):
     assert supervised_runs(tok, encode_example(tok, ChatExample(CHAT[:3]), 512)) == [CHAT[2]["content"] + "<|im_end|>"]
     with pytest.raises(TemplateError, match="renders turn 2 differently once later turns are added"):
         encode_example(tok, ChatExample(CHAT), 512)
+
+
+class _NoOffsets:
+    """The tiny tokenizer seen as a slow tokenizer (no offsets): exercises the prefix-count fallback."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.chat_template, self.eos_token_id = tok.chat_template, tok.eos_token_id
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tok.apply_chat_template(*args, **kwargs)
+
+
+def test_slow_tokenizer_fallback_gives_the_same_mask(tiny_tokenizer):
+    slow = _NoOffsets(tiny_tokenizer)
+    for record, template in [(ChatExample(CHAT), "auto"), (TextExample("What is 12 + 30?\n", "42"), "never")]:
+        assert encode_example(slow, record, 512, template) == encode_example(tiny_tokenizer, record, 512, template)
