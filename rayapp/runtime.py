@@ -37,6 +37,9 @@ def ensure_ray(namespace: str = "rayapp"):
     else:
         num_cpus = int(os.environ.get("RAYAPP_LOCAL_CPUS", max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1)))
         ray.init(
+            # "local": always a fresh in-process cluster; plain None would attach to any cluster
+            # that `ray start` left running on this machine.
+            address="local",
             num_cpus=num_cpus,
             namespace=namespace,
             include_dashboard=False,

@@ -20,7 +20,6 @@ RAYAPP = [sys.executable, "-m", "rayapp.cli"]
 def _env(tmp_path) -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    env["RAY_TMPDIR"] = str(tmp_path / "ray")  # its own local cluster, away from the test session's
     return env
 
 
