@@ -97,6 +97,9 @@ class DeployConfig(StrictModel):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica on a cluster.")
     use_gpu: bool = Field(False, description="Serve on GPUs; false serves with the vLLM CPU build.")
     blocking: bool = Field(False, description="Keep the CLI in the foreground serving until Ctrl-C.")
+    max_num_seqs: int = Field(64, gt=0, description="Requests one replica's engine batches together.")
+    kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per replica on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    route_prefix: str = Field("/", description="URL prefix of the app on the Serve proxy (one app per prefix).")
 
     @model_validator(mode="after")
     def _check_replicas(self) -> DeployConfig:

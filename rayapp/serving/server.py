@@ -1,0 +1,96 @@
+"""Serve deployment classes (imported only where a deployment is built: they pull in ray.serve.llm and FastAPI).
+
+They live at module level so that Ray pickles them by reference: rayapp must be importable
+on the cluster's nodes (it is installed into the same environment).
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, status
+from ray import serve
+from ray.llm._internal.common.models import global_id_manager
+from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.serve.llm.deployment import LLMServer
+
+
+class RayappLLMServer(LLMServer):
+    """``LLMServer`` whose LoRA adapters come from local directories named at deploy time."""
+
+    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, **kwargs):
+        self._adapter_dirs = dict(adapters or {})
+        await super().__init__(llm_config, **kwargs)
+
+    def _init_multiplex_loader(self, model_downloader_cls=None):
+        mx = self._llm_config.multiplex_config()
+        if mx is None:
+            return super()._init_multiplex_loader(model_downloader_cls)
+        adapter_dirs = self._adapter_dirs
+
+        async def _load_model(lora_model_id: str) -> DiskMultiplexConfig:
+            name = get_lora_id(lora_model_id)
+            if name not in adapter_dirs:
+                raise ValueError(f"unknown adapter '{name}'; served adapters: {sorted(adapter_dirs)}")
+            return DiskMultiplexConfig(
+                model_id=lora_model_id, max_total_tokens=None, local_path=adapter_dirs[name],
+                lora_assigned_int_id=global_id_manager.next(),
+            )
+
+        self._load_model = serve.multiplexed(max_num_models_per_replica=mx.max_num_models_per_replica)(_load_model)
+
+
+
+
+class RayappIngress(OpenAiIngress):
+    """``OpenAiIngress`` with adapters addressed by plain name and listed in ``/v1/models``."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, adapter_names=()):
+        super().__init__(llm_deployments, model_cards, lora_paths=None)
+        self._base_id = next(iter(model_cards))
+        self._adapter_names = list(adapter_names)
+
+    def _full_id(self, model: str | None) -> str | None:
+        if model in self._adapter_names:
+            return f"{self._base_id}:{model}"
+        if model and ":" in model and model not in self._model_cards:
+            if get_lora_id(model) not in self._adapter_names or get_base_model_id(model) != self._base_id:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"unknown model '{model}'; served: {self._served()}",
+                )
+        return model
+
+    def _served(self) -> list[str]:
+        return [*self._model_cards, *self._adapter_names]
+
+    async def _get_model_id(self, model):
+        if model is not None and model not in self._model_cards and model not in self._adapter_names \
+                and ":" not in model:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model '{model}'; served: {self._served()}")
+        return await super()._get_model_id(self._full_id(model))
+
+    async def _get_response(self, *, body, call_method, raw_request=None):
+        if getattr(body, "model", None):
+            body.model = self._full_id(body.model)
+        async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+            yield item
+
+    async def model(self, model_id: str):
+        if model_id in self._model_cards:
+            return self._model_cards[model_id]
+        name = model_id if model_id in self._adapter_names else None
+        if name is None and ":" in model_id and get_base_model_id(model_id) == self._base_id:
+            name = get_lora_id(model_id) if get_lora_id(model_id) in self._adapter_names else None
+        if name is None:
+            return None
+        base = self._model_cards[self._base_id]
+        return ModelCard(id=name, object="model", owned_by=base.owned_by, permission=list(base.permission),
+                         metadata={**base.metadata, "base_model_id": self._base_id, "adapter": name,
+                                   "routed_as": f"{self._base_id}:{name}"})
+
+    async def models(self):
+        cards = [self._model_cards[self._base_id]]
+        cards += [await self.model(name) for name in self._adapter_names]
+        return ModelList(data=cards)
