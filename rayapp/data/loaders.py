@@ -56,10 +56,20 @@ def bad_rows_error(path: str, problems: list[str]) -> DataError:
     )
 
 
+def encoded_parts(record) -> list:
+    """The token sequences inside a parsed record, for the stats: an Encoded itself, or the
+    Encoded values of a dict / tuple (a chosen/rejected pair); none for untokenized records."""
+    if hasattr(record, "input_ids"):
+        return [record]
+    values = record.values() if isinstance(record, dict) else record if isinstance(record, (tuple, list)) else ()
+    return [v for v in values if hasattr(v, "input_ids")]
+
+
 def load_records(path: str | os.PathLike, parse: Callable[[dict], T], data_cfg=None, what: str = "rows") -> tuple[list[T], DatasetStats]:
     """Parse every row of ``path`` with ``parse`` (which raises RowError), applying the bad-row policy.
 
-    ``parse`` may return an Encoded-like object (with ``input_ids``) to have its tokens counted.
+    ``parse`` may return an Encoded (or a dict / tuple of them, e.g. a chosen/rejected pair) to have
+    its tokens counted.
     Raises DataError when bad rows are found under ``on_bad_rows: error``, or no row is usable."""
     on_bad_rows = getattr(data_cfg, "on_bad_rows", "error")
     max_rows = getattr(data_cfg, "max_rows", None)
@@ -78,7 +88,7 @@ def load_records(path: str | os.PathLike, parse: Callable[[dict], T], data_cfg=N
             stats.add_bad_row(e.kind, message)
             continue
         records.append(record)
-        stats.add_example(record if hasattr(record, "input_ids") else None)
+        stats.add_example(*encoded_parts(record))
     if problems and on_bad_rows == "error":
         raise bad_rows_error(str(path), problems)
     if not records:

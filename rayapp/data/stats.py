@@ -28,10 +28,10 @@ class DatasetStats:
     examples: int = 0  # rows kept
     drop_reasons: Counter = field(default_factory=Counter)  # kind of bad row -> count
     bad_rows: list[str] = field(default_factory=list)  # first MAX_SAMPLES "file:line: field: reason"
-    truncated: int = 0
+    truncated: int = 0  # token sequences cut at max_seq_len (a pair can add two)
     total_tokens: int = 0
     supervised_tokens: int = 0
-    lengths: list[int] = field(default_factory=list, repr=False)  # tokens per kept example
+    lengths: list[int] = field(default_factory=list, repr=False)  # tokens per kept sequence
 
     @property
     def dropped(self) -> int:
@@ -42,14 +42,16 @@ class DatasetStats:
         if len(self.bad_rows) < MAX_SAMPLES:
             self.bad_rows.append(message)
 
-    def add_example(self, encoded=None) -> None:
-        """Count one kept example; ``encoded`` (an Encoded) adds its token counts."""
+    def add_example(self, *encoded) -> None:
+        """Count one kept example; each Encoded given (one, or a chosen/rejected pair) adds its tokens."""
         self.examples += 1
-        if encoded is not None:
-            self.lengths.append(len(encoded.input_ids))
-            self.total_tokens += len(encoded.input_ids)
-            self.supervised_tokens += encoded.num_supervised
-            self.truncated += int(encoded.truncated)
+        for e in encoded:
+            if e is None:
+                continue
+            self.lengths.append(len(e.input_ids))
+            self.total_tokens += len(e.input_ids)
+            self.supervised_tokens += e.num_supervised
+            self.truncated += int(e.truncated)
 
     def token_lengths(self) -> dict[str, float] | None:
         if not self.lengths:

@@ -229,3 +229,20 @@ def test_parquet_and_datasets_dir_with_mixed_formats(tmp_path, tiny_tokenizer):
         assert e.value.problems == [f"{path}:3: output_text: missing"]
         ds = load_sft_dataset(path, tiny_tokenizer, DataConfig(on_bad_rows="drop"), 64)
         assert ds.examples == expected and ds.stats.dropped == 1
+
+
+def test_encoded_pairs_count_both_sequences_in_the_stats(tmp_path, tiny_tokenizer):
+    from rayapp.data.formats import parse_preference
+    from rayapp.data.loaders import load_records
+
+    f = write_lines(tmp_path / "pref.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5 or so"}])
+
+    def parse(row):
+        pair = parse_preference(row)
+        enc = [ChatExample(pair.prompt_messages + [{"role": "assistant", "content": r}]) for r in (pair.chosen, pair.rejected)]
+        return {"chosen": encode_example(tiny_tokenizer, enc[0], 64), "rejected": encode_example(tiny_tokenizer, enc[1], 64)}
+
+    items, stats = load_records(f, parse)
+    chosen, rejected = items[0]["chosen"], items[0]["rejected"]
+    assert stats.examples == 1 and sorted(stats.lengths) == sorted([len(chosen), len(rejected)])
+    assert stats.supervised_tokens == chosen.num_supervised + rejected.num_supervised
