@@ -44,20 +44,22 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The causal LM's parameters under their Hugging Face names, LoRA merged in, on CPU.
 
-    For a peft model the adapters are merged into a copy of each base weight
-    (W + scale * B @ A via peft's merge/unmerge), so training continues on the unmerged model."""
+    For a peft model each adapted weight is sent as W + scale * B @ A (peft's ``get_delta_weight``),
+    computed beside the model: merging in place and unmerging would not give W back exactly."""
     lm = unwrap(model)
-    if hasattr(lm, "merge_adapter") and hasattr(lm, "get_base_model"):
+    if hasattr(lm, "get_base_model"):
+        base = lm.get_base_model()
         with torch.no_grad():
-            lm.merge_adapter()
-            try:
-                state = {}
-                for name, tensor in lm.get_base_model().state_dict().items():
-                    if "lora_" in name:
-                        continue
-                    state[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu", copy=True)
-            finally:
-                lm.unmerge_adapter()
+            state = {k.replace(".base_layer.", "."): v.detach().to("cpu") for k, v in base.state_dict().items() if "lora_" not in k}
+            for name, module in base.named_modules():
+                if not (hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")):
+                    continue
+                key = f"{name}.weight"
+                weight = state[key].clone()
+                for adapter in module.active_adapters:
+                    if adapter in getattr(module, "lora_A", {}):
+                        weight += module.get_delta_weight(adapter).detach().to("cpu", weight.dtype)
+                state[key] = weight
         return state
     return {k: v.detach().to("cpu") for k, v in lm.state_dict().items()}
 
@@ -131,7 +133,10 @@ class NcclBroadcastSync:
 
     def __init__(self, engine_actors: list, rank: int, engines_world: int, master_address: str | None = None, master_port: int = 29611):
         from vllm.distributed.weight_transfer.base import ModuleSource
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
 
         self.rank = rank
         self._model_source = None
