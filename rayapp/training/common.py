@@ -96,12 +96,17 @@ def check_result(result, cfg) -> dict:
     return dict(result.metrics or {})
 
 
-def maybe_deploy(cfg, model_dir: Path | None, adapters: dict[str, str] | None = None) -> dict:
-    """Serve the result when ``deploy.enabled``; returns {url, model} for the summary."""
+def maybe_deploy(cfg, model_dir: Path | None = None) -> dict:
+    """Serve the result when ``deploy.enabled``: ``model_dir`` if given, else what the job left in
+    output_dir (model/, or adapter/ on its base model). Returns {endpoint, served_model}."""
     if not cfg.deploy.enabled:
         return {}
-    from rayapp.serving.deploy import deploy_model
+    from rayapp.serving.deploy import deploy_job_output, deploy_model
 
-    info = deploy_model(str(model_dir), adapters or {}, cfg.deploy, cfg.deploy.name or cfg.name)
-    print(f"[{cfg.name}] serving {info.model_name} at {info.url}", flush=True)
+    name = cfg.deploy.name or cfg.name
+    if model_dir is not None:
+        info = deploy_model(str(model_dir), {}, cfg.deploy, name)
+    else:
+        info = deploy_job_output(cfg.output_dir, cfg.deploy, name)
+    print(f"[{cfg.name}] serving model '{info.model_name}' at {info.url}", flush=True)
     return {"endpoint": info.url, "served_model": info.model_name}

@@ -132,5 +132,5 @@ def run(cfg) -> dict:
     if cfg.adapter is not None and (out / "adapter").exists():
         summary["adapter"] = str(out / "adapter")
     summary.update({k: round(v, 4) for k, v in evaluation.items() if isinstance(v, float)})
-    summary.update(maybe_deploy(cfg, out / "model"))
+    summary.update(maybe_deploy(cfg))
     return summary
