@@ -93,7 +93,7 @@ def connect(start_local: bool = True):
     return ensure_ray()
 
 
-def _start_serve(deploy: DeployConfig) -> int:
+def start_serve(deploy: DeployConfig) -> int:
     """Start Serve's HTTP proxy on deploy.host:port, or reuse the running one; return its port."""
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -118,7 +118,7 @@ def deploy_model(model_dir: str | Path, adapters: dict[str, str] | None, deploy:
     api_key = read_api_key(deploy)
     ray = connect()
     _check_capacity(ray, deploy)
-    port = _start_serve(deploy)
+    port = start_serve(deploy)
     started = time.time()
     log.info("deploying %s from %s (adapters: %s) ...", name, base, ", ".join(adapters) or "none")
     app = build_app(base, name, deploy, adapters, api_key=api_key)

@@ -85,26 +85,21 @@ def ensure_local_head(num_cpus: int | None = None, set_env: bool = True) -> str:
     return address
 
 
-def _start_head(num_cpus: int) -> str:
-    port = _free_port()
-    temp_dir = f"/tmp/rayapp-head-{os.getuid()}-{port}"  # short: Ray's socket paths must fit 107 bytes
-    cmd = [
-        _ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-        f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-        f"--temp-dir={temp_dir}", "--object-store-memory=500000000",
-    ]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The head listens on loopback only; Ray's token auth would make every client find ~/.ray/auth_token.
-    env["RAY_AUTH_MODE"] = "disabled"
-    log.info("starting a local Ray head on 127.0.0.1:%d (%d logical CPUs) for deployments", port, num_cpus)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise LocalHeadError(
-            f"`ray start --head` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}\n"
-            "set RAY_ADDRESS to an existing cluster, or free the port and retry"
-        )
+def _start_head(num_cpus: int, attempts: int = 3) -> str:
+    """``ray start --head`` on loopback; retried because a loaded machine can time out the node start."""
+    for attempt in range(1, attempts + 1):
+        port = _free_port()
+        temp_dir = f"/tmp/rayapp-head-{os.getuid()}-{port}"  # short: Ray's socket paths must fit 107 bytes
+        proc = subprocess.run(_head_command(port, num_cpus, temp_dir), capture_output=True, text=True, env=_head_env())
+        if proc.returncode == 0:
+            break
+        _kill(_head_pids(temp_dir))  # what a failed start left behind
+        if attempt == attempts:
+            raise LocalHeadError(
+                f"`ray start --head` failed {attempts} times (last exit {proc.returncode}):\n{proc.stderr[-1500:]}\n"
+                "the machine may be overloaded; retry, or set RAY_ADDRESS to an existing cluster"
+            )
+        log.warning("`ray start --head` failed (attempt %d of %d); retrying", attempt, attempts)
     address = f"127.0.0.1:{port}"
     for _ in range(60):
         if _alive(address):
@@ -114,7 +109,38 @@ def _start_head(num_cpus: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"address": address, "temp_dir": temp_dir, "started_by": "rayapp",
                                 "num_cpus": num_cpus, "started_at": time.time()}, indent=2))
+    log.info("started a local Ray head at %s (%d logical CPUs) for deployments", address, num_cpus)
     return address
+
+
+def _head_command(port: int, num_cpus: int, temp_dir: str) -> list[str]:
+    cmd = [
+        _ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+        f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", "--object-store-memory=500000000", "--dashboard-host=127.0.0.1",
+    ]
+    # Ray's fixed default ports (client server 10001, agent 52365, ...) collide with other heads here.
+    cmd += [f"--{flag}={_free_port()}" for flag in (
+        "ray-client-server-port", "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+    return cmd
+
+
+def _head_env() -> dict:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The head listens on loopback only; Ray's token auth would make every client find ~/.ray/auth_token.
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def _kill(pids: list[int], sig: int = 9) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def stop_local_head() -> bool:
@@ -122,26 +148,16 @@ def stop_local_head() -> bool:
     rec = read_record()
     if not rec or rec.get("started_by") != "rayapp":
         return False
-    stopped = False
-    if _alive(rec["address"]):
-        # `ray stop` would stop every Ray on the machine; kill only this head's processes.
-        for pid in _head_pids(rec["temp_dir"]):
-            try:
-                os.kill(pid, 15)
-                stopped = True
-            except ProcessLookupError:
-                pass
-        for _ in range(40):
-            if not _head_pids(rec["temp_dir"]):
-                break
-            time.sleep(0.25)
-        for pid in _head_pids(rec["temp_dir"]):  # what did not exit on SIGTERM
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+    pids = _head_pids(rec["temp_dir"])
+    # `ray stop` would stop every Ray on the machine; signal only this head's processes.
+    _kill(pids, 15)
+    for _ in range(40):
+        if not _head_pids(rec["temp_dir"]):
+            break
+        time.sleep(0.25)
+    _kill(_head_pids(rec["temp_dir"]))  # what did not exit on SIGTERM
     record_path().unlink(missing_ok=True)
-    return stopped
+    return bool(pids)
 
 
 def _head_pids(temp_dir: str) -> list[int]:

@@ -1,0 +1,111 @@
+"""The reward-model deployment (imported only where it is built: FastAPI, torch, transformers).
+
+``POST /v1/score`` with ``{"model": NAME, "input": [TEXT | [MESSAGE, ...], ...]}`` returns
+``{"object": "list", "model": NAME, "data": [{"index": i, "score": r_i}]}``: the scalar reward
+of each text (conversations are rendered with the tokenizer's chat template). RLHF jobs whose
+reward model runs elsewhere score over HTTP this way. ``GET /v1/models`` lists the model.
+Batches are scored in one padded forward pass under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+MAX_INPUTS = 256
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="The served reward model's name (optional: there is one).")
+    input: list[str | list[Message]] = Field(..., min_length=1, max_length=MAX_INPUTS,
+                                             description="Texts, or conversations as lists of messages.")
+
+
+async def _bad_request(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ("body",)}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return JSONResponse(status_code=400, content={"error": {
+        "message": f"invalid request: {where}: {first.get('msg')}", "type": "invalid_request_error",
+        "param": where, "code": 400}})
+
+
+class RewardScorer:
+    """Loads the reward model once per replica and scores batches (the HTTP routes are added per app)."""
+
+    def __init__(self, model_dir: str, name: str, max_length: int = 512):
+        import torch
+
+        from rayapp.models.io import load_tokenizer
+        from rayapp.models.value_head import load_reward_model
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.name, self.max_length = name, max_length
+        self.tokenizer = load_tokenizer(model_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = load_reward_model(model_dir, pad_token_id=self.tokenizer.pad_token_id).eval()
+
+    def _text(self, item) -> str:
+        if isinstance(item, str):
+            return item
+        messages = [m.model_dump() for m in item]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "rayapp",
+                                            "metadata": {"kind": "reward", "max_length": self.max_length}}]}
+
+    def score_batch(self, body: ScoreRequest) -> dict:
+        import torch
+
+        from rayapp.models.value_head import reward_scores
+
+        if body.model is not None and body.model != self.name:
+            raise HTTPException(404, f"unknown model '{body.model}'; this endpoint serves '{self.name}'")
+        texts = [self._text(item) for item in body.input]
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            scores = reward_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (B,)
+        truncated = [len(ids) >= self.max_length for ids in self.tokenizer(texts)["input_ids"]]
+        return {"object": "list", "model": self.name,
+                "data": [{"index": i, "score": float(s), "truncated": t}
+                         for i, (s, t) in enumerate(zip(scores.tolist(), truncated, strict=True))]}
+
+
+def build_reward_deployment(key_sha256: str | None = None):
+    """The Serve deployment class with its own FastAPI app (auth middleware when a key digest is given).
+
+    Built per deploy, not at import: Ray pickles this class by value together with its app, so the
+    middleware travels with it (a module-level app would be re-imported bare on the replica)."""
+    from rayapp.serving.app import APIKeyMiddleware
+
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    if key_sha256:
+        app.add_middleware(APIKeyMiddleware, key_sha256=key_sha256)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    @serve.ingress(app)
+    class RewardModelDeployment(RewardScorer):
+        @app.get("/v1/models")
+        def models(self):
+            return self.list_models()
+
+        @app.post("/v1/score")
+        def score(self, body: ScoreRequest):
+            return self.score_batch(body)
+
+    return RewardModelDeployment
