@@ -33,9 +33,9 @@ def validate(cfg) -> str:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     train, val = load_data(cfg, tokenizer)
-    text = f"train: {cfg.data.train}\n{train.stats.format()}"
+    text = train.stats.format()
     if val is not None:
-        text += f"\nvalidation: {cfg.data.validation or f'{cfg.data.validation_split:.0%} of train'}\n{val.stats.format()}"
+        text += f"\n{val.stats.format()}"
     return text
 
 
