@@ -211,6 +211,8 @@ def shutdown(name: str | None = None) -> list[str]:
         ray.shutdown()
         if not left and stop_local_head():
             removed.append("(local Ray head)")
+    else:
+        stop_local_head()  # clears a record left by a head that is already gone
     return removed
 
 

@@ -85,7 +85,7 @@ def ensure_local_head(num_cpus: int | None = None, set_env: bool = True) -> str:
     return address
 
 
-def _start_head(num_cpus: int, attempts: int = 3) -> str:
+def _start_head(num_cpus: int, attempts: int = 4) -> str:
     """``ray start --head`` on loopback; retried because a loaded machine can time out the node start."""
     for attempt in range(1, attempts + 1):
         port = _free_port()
@@ -132,6 +132,8 @@ def _head_env() -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The head listens on loopback only; Ray's token auth would make every client find ~/.ray/auth_token.
     env["RAY_AUTH_MODE"] = "disabled"
+    # On a loaded machine the dashboard agent can take longer than the raylet's default wait to come up.
+    env.setdefault("RAY_agent_register_timeout_ms", "120000")
     return env
 
 
