@@ -1,0 +1,127 @@
+"""`kind: distill` — train a smaller student to mimic a teacher.
+
+``method`` picks one of five: step_by_step (labels + teacher rationales as two tasks), logits
+(teacher token distributions from vLLM), features (hidden layers), relations (pairwise
+structure of a batch) and self (teacher and student share the architecture). Only the section
+of the chosen method is read; the others keep their defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel
+from rayapp.config.batch import RationalesConfig
+from rayapp.config.sft import TrainingJobConfig
+
+METHODS = ("step_by_step", "logits", "features", "relations", "self")
+
+
+class StudentConfig(StrictModel):
+    init: Literal["from_model", "from_teacher_layers"] = Field("from_model", description="'from_model': the student is model.path; 'from_teacher_layers': a copy of teacher.path keeping some of its layers (DistilBERT-style).")
+    keep_every: int = Field(2, gt=0, description="from_teacher_layers: keep teacher layers k-1, 2k-1, ... (every k-th, the last one always kept).")
+    layers: list[int] | None = Field(None, description="from_teacher_layers: explicit 0-based teacher layer indices to keep (overrides keep_every).")
+
+
+class TeacherConfig(StrictModel):
+    path: str | None = Field(None, description="Teacher model: a directory or a built-in name. Needed by every method but self (which defaults to model.path).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights dtype inside the training workers (features, relations, self).")
+    outputs: str | None = Field(None, description="step_by_step: a teacher-output file (kind: batch, task: rationales) to use instead of generating; rows need input_text, label, rationale, teacher.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=512), description="vLLM engines of the teacher (step_by_step rationales, logits).")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=128), description="Sampling of teacher rationales / responses.")
+    rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales.")
+
+
+class StepByStepConfig(StrictModel):
+    rationale_weight: float = Field(0.5, ge=0, le=1, description="1 - alpha in alpha * L_label + (1 - alpha) * L_rationale; 0 is standard fine-tuning on the same labels.")
+    predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the one asked at inference).")
+    explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+
+
+class LogitsConfig(StrictModel):
+    top_k: int = Field(20, gt=0, description="Teacher log-probs kept per position (vLLM returns the top k).")
+    topk_mode: Literal["tail", "renormalise"] = Field("tail", description="'tail': K tokens plus one bucket for the rest (a true divergence); 'renormalise': both restricted to the K tokens.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Token divergence; 'jsd' uses beta.")
+    beta: float = Field(0.5, ge=0, le=1, description="GKD beta: 0 forward KL, 1 reverse KL, between the generalised JSD.")
+    temperature: float = Field(1.0, gt=0, description="Softening temperature (loss scaled by T^2); the teacher log-probs are taken at T = 1, so keep 1 unless they were requested at T.")
+    responses: Literal["given", "teacher"] = Field("given", description="Sequence-level KD over the rows' output_text ('given') or over responses the teacher writes ('teacher').")
+    lmbda: float = Field(0.0, ge=0, le=1, description="GKD on-policy fraction: share of prompts answered by the student (sampled between rounds) and scored by the teacher.")
+    rounds: int = Field(1, gt=0, description="On-policy rounds: export student -> sample -> teacher scores -> train; each round trains train.max_steps / rounds steps.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the plain next-token NLL on the response added to the KD loss.")
+
+
+class FeaturesConfig(StrictModel):
+    layer_map: list[tuple[int, int]] | None = Field(None, description="[[student_layer, teacher_layer], ...] as hidden_states indices (0 = embeddings); default: TinyBERT's uniform map.")
+    loss: Literal["mse", "cosine"] = Field("mse", description="Per-token feature loss after the learned projection.")
+    weight: float = Field(1.0, ge=0, description="Weight of the feature loss.")
+    task_weight: float = Field(1.0, ge=0, description="Weight of the task (response NLL) loss.")
+
+
+class RelationsConfig(StrictModel):
+    loss: Literal["rkd_distance", "rkd_angle", "similarity"] = Field("rkd_distance", description="Relation between the examples of a micro-batch that the student matches.")
+    student_layer: int = Field(-1, description="Student hidden_states index pooled per example (-1: the last layer).")
+    teacher_layer: int = Field(-1, description="Teacher hidden_states index pooled per example (-1: the last layer).")
+    weight: float = Field(1.0, ge=0, description="Weight of the relation loss.")
+    task_weight: float = Field(1.0, ge=0, description="Weight of the task (response NLL) loss.")
+
+
+class SelfDistillConfig(StrictModel):
+    teacher: Literal["frozen", "ema"] = Field("frozen", description="'frozen': teacher.path (default model.path, or an earlier checkpoint's model dir) stays fixed; 'ema': an exponential moving average of the student.")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="EMA teacher: teacher <- decay * teacher + (1 - decay) * student after every step.")
+    rounds: int = Field(1, gt=0, description="Born-again generations: round r's teacher is round r-1's student (frozen teacher only).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Token divergence to the teacher's full distribution.")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd beta.")
+    temperature: float = Field(1.0, gt=0, description="Softening temperature (loss scaled by T^2).")
+    weight: float = Field(1.0, ge=0, description="Weight of the KD loss.")
+    task_weight: float = Field(1.0, ge=0, description="Weight of the task (response NLL) loss.")
+
+
+class DistillEvalConfig(StrictModel):
+    data: str | None = Field(None, description="Held-out rows {input_text, output_text} whose answers are checked (default: data.validation when it has labels).")
+    max_examples: int | None = Field(200, gt=0, description="Check at most this many rows.")
+    max_new_tokens: int = Field(32, gt=0, description="Tokens generated per answer.")
+    teacher: bool = Field(False, description="Also measure the teacher's accuracy on the same rows (with its rationale prompt).")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="Greedy generation with transformers in this process, or a vLLM engine (teacher.engine settings).")
+
+
+class DistillJobConfig(TrainingJobConfig):
+    kind: Literal["distill"] = Field("distill", description="Job kind.")
+    name: str = Field("distill", description="Job name; used in logs, the report and as the served model name.")
+    output_dir: str = Field("outputs/distill", description="Where the job writes model/, teacher/, checkpoints/, metrics.jsonl, eval.json, report.html.")
+    method: Literal["step_by_step", "logits", "features", "relations", "self"] = Field("step_by_step", description="Distillation method.")
+    task_type: Literal["free", "choice", "yesno", "number"] = Field("free", description="Answer kind: how answers are parsed and compared in evaluation (and teacher rationales).")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="How the student is initialised.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model and how it is run.")
+    step_by_step: StepByStepConfig = Field(default_factory=StepByStepConfig, description="method: step_by_step.")
+    logits: LogitsConfig = Field(default_factory=LogitsConfig, description="method: logits.")
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="method: features.")
+    relations: RelationsConfig = Field(default_factory=RelationsConfig, description="method: relations.")
+    self_: SelfDistillConfig = Field(default_factory=SelfDistillConfig, alias="self", description="method: self.")
+    evaluation: DistillEvalConfig = Field(default_factory=DistillEvalConfig, description="Answer accuracy on held-out rows after training.")
+
+    model_config = {**TrainingJobConfig.model_config, "populate_by_name": True, "serialize_by_alias": True}
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        m = self.method
+        # step_by_step needs a teacher only for rows without label or rationale: checked with the data.
+        needs_teacher = m in ("logits", "features", "relations") or self.student.init == "from_teacher_layers"
+        if needs_teacher and self.teacher.path is None:
+            why = f"method: {m}" if m in ("logits", "features", "relations") else "student.init: from_teacher_layers"
+            raise ValueError(f"teacher.path is missing but {why} needs a teacher; set teacher.path to a model directory or built-in name")
+        if self.adapter is not None and m in ("features", "relations"):
+            raise ValueError(f"adapter (LoRA) with method: {m} is not supported; remove adapter: for full tuning of the student")
+        if self.resources.strategy == "fsdp" and m in ("features", "relations", "self"):
+            raise ValueError(f"resources.strategy: fsdp with method: {m} is not supported (the teacher lives in each worker); use ddp")
+        if m == "relations":
+            need = 3 if self.relations.loss == "rkd_angle" else 2
+            if self.train.micro_batch_size < need:
+                raise ValueError(f"relations.loss: {self.relations.loss} compares examples within a micro-batch and needs "
+                                 f"train.micro_batch_size >= {need}, found {self.train.micro_batch_size}")
+        if m == "self" and self.self_.teacher == "ema" and self.self_.rounds > 1:
+            raise ValueError("self.rounds > 1 (born-again) needs self.teacher: frozen; an EMA teacher has no generations")
+        if m == "logits" and self.logits.lmbda > 0 and self.train.max_steps is None:
+            raise ValueError("logits.lmbda > 0 (on-policy rounds) needs train.max_steps (split evenly over logits.rounds)")
+        return self
