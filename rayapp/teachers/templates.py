@@ -171,6 +171,7 @@ def normalize_label(answer: str | None, task_type: str) -> str | None:
     if not ans:
         return None
     if task_type == "number":
+        ans = ans.rsplit("=", 1)[-1]  # "7500 - 2499 = 5001" -> the result, not the first operand
         nums = _NUMBER.findall(ans)
         if not nums:
             return None

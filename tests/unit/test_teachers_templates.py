@@ -30,6 +30,7 @@ from rayapp.teachers.templates import (
         ("Half of 7 is 3.5. So the answer is 3.5.", "number", "Half of 7 is 3.5.", "3.5"),
         ("Debt grows. Therefore, the answer is -4 dollars.", "number", "Debt grows.", "-4"),
         ("We get \\boxed{42}", "number", "We get", "42"),
+        ("7500 biscuits. So the answer is 7500 - 2499 - 1 = 5000.", "number", "7500 biscuits.", "5000"),
         ("Plates go in cupboards. So the answer is (B).", "choice", "Plates go in cupboards.", "B"),
         ("Plates go in cupboards. So the answer is B) cupboard.", "choice", "Plates go in cupboards.", "B"),
         ("Plates go in cupboards.\nAnswer: cupboard (B)", "choice", "Plates go in cupboards.", "B"),
