@@ -74,8 +74,17 @@ class RayappIngress(OpenAiIngress):
     async def _get_response(self, *, body, call_method, raw_request=None):
         if getattr(body, "model", None):
             body.model = self._full_id(body.model)
-        async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
-            yield item
+        started = False
+        try:
+            async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+                started = True
+                yield item
+        except (TypeError, ValueError) as e:
+            # Fields pydantic validates lazily (e.g. `messages: 5`) fail here, before any output: a bad
+            # request, not a server error. Once output has started, errors propagate unchanged.
+            if started:
+                raise
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid request body: {e}") from e
 
     async def model(self, model_id: str):
         if model_id in self._model_cards:
