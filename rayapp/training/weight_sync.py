@@ -64,6 +64,20 @@ def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in lm.state_dict().items()}
 
 
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of tied tensors (lm_head = embed_tokens): safetensors refuses shared
+    storage, and vLLM ties them again when loading a model with tie_word_embeddings."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = (v.data_ptr(), tuple(v.shape))
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.contiguous()
+    return out
+
+
 def _shm_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -87,7 +101,7 @@ class SharedMemorySync:
         gathered = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix="rayapp-sync-", dir=_shm_root())
         try:
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+            save_file(_unshared(state), os.path.join(tmp, "model.safetensors"))
             written = time.perf_counter()
             ray.get([a.reload_weights.remote(tmp) for a in self.actors])
         finally:

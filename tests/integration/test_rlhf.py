@@ -1,0 +1,97 @@
+"""One GRPO and one PPO iteration on the tiny model: 2 Ray Train workers (gloo) and a vLLM CPU
+engine. After the job the engine must generate with the updated policy: its log-probs of a fixed
+sequence match the exported model/ (scored with transformers) and no longer match the start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayapp.config import load_job
+from rayapp.config.base import EngineConfig
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+# A smooth reward so that a random policy's samples differ in reward (exact match would be all 0).
+LENGTH_REWARD = "rl.rewards=[{function: length, args: {target: 0, scale: 400}}, {function: exact_match, weight: 0.5}]"
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model_dir):
+    from rayapp.teachers.pool import VLLMEnginePool
+
+    p = VLLMEnginePool(tiny_model_dir, EngineConfig(num_engines=1, cpus_per_engine=1, max_model_len=128, max_num_seqs=32, kv_cache_gib=1), name="rollout")
+    yield p
+    p.shutdown()
+
+
+def _hf_logps(model_dir, seq):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0].float()
+    logps = torch.log_softmax(logits, -1)
+    return [float(logps[i, seq[i + 1]]) for i in range(len(seq) - 1)]
+
+
+def _check_engine_has_new_weights(pool, out: Path, tiny_model_dir):
+    from rayapp.models.io import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    seq = tok.encode("What is 12 + 30? 12 + 30 = 42. So the answer is 42.")
+    engine = pool.score([seq])[0]
+    trained = _hf_logps(out / "model", seq)
+    base = _hf_logps(tiny_model_dir, seq)
+    assert max(abs(a - b) for a, b in zip(engine, trained, strict=True)) < 2e-3
+    assert max(abs(a - b) for a, b in zip(base, trained, strict=True)) > 1e-2
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_grpo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):
+    from rayapp.training.rlhf import run
+
+    out = tmp_path / "grpo"
+    cfg = load_job(
+        ROOT / "jobs/rlhf_grpo.yaml",
+        [f"output_dir={out}", "rl.iterations=1", "rl.prompts_per_iteration=4", "sampling.n=4", "train.global_batch_size=8",
+         "train.micro_batch_size=4", "train.learning_rate=3e-3", "rl.eval_prompts=0", LENGTH_REWARD],
+    )
+    summary = run(cfg, pool=pool)
+    (row,) = _rows(out)
+    for key in ("reward_mean", "reward_std", "kl_ref", "entropy", "response_len", "clip_fraction", "time_generate_s",
+                "time_score_s", "time_train_s", "time_sync_s", "sync_share", "reward_length", "reward_exact_match"):
+        assert key in row, key
+    assert row["reward_std"] > 0 and row["entropy"] > 0 and row["time_sync_s"] > 0
+    assert row["kl_ref"] == pytest.approx(0.0, abs=1e-4)  # the rollout policy is the reference in iteration 1
+    assert "value_loss" not in row
+    ev = json.loads((out / "eval.json").read_text())
+    assert 0 < ev["sync_share"] < 1
+    assert (out / "plots" / "reward.png").exists() and (out / "report.html").exists()
+    assert Path(summary["model"]).exists()
+    _check_engine_has_new_weights(pool, out, tiny_model_dir)
+
+
+def test_one_ppo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):
+    from rayapp.training.rlhf import run
+
+    out = tmp_path / "ppo"
+    cfg = load_job(
+        ROOT / "jobs/rlhf_ppo.yaml",
+        [f"output_dir={out}", "rl.iterations=1", "rl.prompts_per_iteration=16", "train.global_batch_size=8",
+         "train.micro_batch_size=4", "train.learning_rate=3e-3", "rl.eval_prompts=0", LENGTH_REWARD],
+    )
+    run(cfg, pool=pool)
+    (row,) = _rows(out)
+    assert row["value_loss"] > 0 and row["clip_fraction"] >= 0 and row["time_sync_s"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        assert not any("value_head" in k for k in f.keys())  # the exported policy has no value head
+    _check_engine_has_new_weights(pool, out, tiny_model_dir)
