@@ -22,6 +22,8 @@ JOB_KINDS: dict[str, str] = {
     "dpo": "rayapp.config.rl:DPOJobConfig",
     "deploy": "rayapp.config.deploy:DeployJobConfig",
     "pipeline": "rayapp.config.pipeline:PipelineJobConfig",
+    "dataset": "rayapp.config.dataset:DatasetJobConfig",
+    "evaluate": "rayapp.config.evaluate:EvaluateJobConfig",
 }
 
 

@@ -15,6 +15,8 @@ RECIPES: dict[str, str] = {
     "dpo": "rayapp.training.dpo",
     "deploy": "rayapp.serving.deploy",
     "pipeline": "rayapp.pipeline",
+    "dataset": "rayapp.tasks",
+    "evaluate": "rayapp.training.evaluate",
 }
 
 
