@@ -441,11 +441,19 @@ def estimate_plan(cfg, job: str = "job", mfu: float = DEFAULT_MFU, peak_tflops: 
             if ref is None:
                 raise PlanError(f"{label}: no model next to this engine section and no top-level model")
             data = getattr(parent, "data", None)
-            prompts = getattr(data, "train", None) or getattr(data, "prompts", None) or getattr(parent, "prompts", None)
+            prompts = (getattr(data, "train", None) or getattr(data, "prompts", None) or getattr(parent, "prompts", None)
+                       or getattr(parent, "input", None))
             rows = count_rows(prompts) if isinstance(prompts, str) else top_rows
+            if rows is not None and isinstance(getattr(parent, "max_rows", None), int):
+                rows = min(rows, parent.max_rows)
             sampling = next((v for v in (getattr(parent, n, None) for n in type(parent).model_fields)
                              if isinstance(v, SamplingConfig)), None)
-            parts.append(plan_engine(sub, ref, label, rows, sampling))
+            part = plan_engine(sub, ref, label, rows, sampling)
+            pool = getattr(parent, "concurrency", None)  # an autoscaling Ray Data actor pool: [min, max]
+            if isinstance(pool, (list, tuple)) and len(pool) == 2 and all(isinstance(x, int) for x in pool):
+                part.count = max(pool)
+                part.notes.append(f"autoscaling pool of {pool[0]}..{pool[1]} engine replicas; totals count {pool[1]}")
+            parts.append(part)
     return Plan(job, getattr(cfg, "kind", "?"), parts, mfu, peak_tflops, usd_per_gpu_hour)
 
 
