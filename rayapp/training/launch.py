@@ -8,6 +8,7 @@ resumes, and ``resources.max_failures`` restarts a lost worker group from the la
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def worker_setup(num_threads_hint: float = 1.0) -> dict:
     import ray.train
     import torch
 
+    # Ray Train logs every report at INFO on the console; our progress line says what matters.
+    logging.getLogger("ray.train").setLevel(os.environ.get("RAYAPP_TRAIN_LOG_LEVEL", "WARNING"))
     ctx = ray.train.get_context()
     local = max(1, ctx.get_local_world_size())
     threads = max(1, int(num_threads_hint), (os.cpu_count() or 1) // local)
