@@ -1,0 +1,174 @@
+"""Teacher throughput: the vLLM actor pool against transformers ``generate`` on the same prompts.
+
+Workload: few-shot chain-of-thought rationale prompts (reasoning + CommonsenseQA questions
+from data/, rendered with SmolLM2's chat template), sampled at temperature 0.7 / top-p 0.95
+up to ``--max-tokens``, stopping at end-of-sequence, so completion lengths are uneven as
+real rationales are. Same model (packaged SmolLM2-135M-Instruct), float32, same prompts.
+
+(a) transformers: ``model.generate`` on left-padded batches of ``--hf-batch`` prompts in
+    input order (static batching: a batch runs until its longest member stops).
+(b) vLLM: :class:`rayapp.teachers.pool.VLLMEnginePool` with ``--engines`` CPU engines,
+    all prompts in one call (continuous batching). Engine start-up is reported, not timed.
+(c) the ``kind: batch`` rationale job over ``--batch-rows`` rows: rows/s end to end
+    (engine start included) and after the first shard.
+
+Prints a table and writes bench/results/teacher_throughput.json with {"ratio", "target"}.
+
+    .venv/bin/python bench/teacher_throughput.py [--prompts 200] [--max-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = "smollm2-135m-instruct"
+
+
+def load_questions(n: int) -> list[tuple[str, str]]:
+    """(task_type, question) pairs, alternating reasoning and CommonsenseQA."""
+    fams = {
+        "number": [json.loads(x)["input_text"] for x in (ROOT / "data/reasoning/train.jsonl").read_text().splitlines()],
+        "choice": [json.loads(x)["input_text"] for x in (ROOT / "data/csqa/train.jsonl").read_text().splitlines()],
+    }
+    out = []
+    for i in range(n):
+        task = "number" if i % 2 == 0 else "choice"
+        out.append((task, fams[task][(i // 2) % len(fams[task])]))
+    return out
+
+
+def bench_transformers(prompts: list[str], max_tokens: int, batch: int, seed: int) -> dict:
+    import torch
+
+    from rayapp.models.io import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = load_tokenizer(MODEL)
+    tok.padding_side = "left"
+    model = load_causal_lm(MODEL, "float32").eval()
+    eos = model.generation_config.eos_token_id
+    torch.manual_seed(seed)
+    tokens, lengths = 0, []
+    started = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=max_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        for seq in out[:, enc["input_ids"].shape[1] :].tolist():
+            n = seq.index(eos) + 1 if eos in seq else len(seq)  # tokens up to and including EOS
+            lengths.append(n)
+            tokens += n
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "lengths": lengths}
+
+
+def bench_vllm(prompts: list[str], max_tokens: int, engines: int, seed: int) -> dict:
+    from rayapp.config.base import EngineConfig, SamplingConfig
+    from rayapp.teachers.pool import VLLMEnginePool
+
+    engine = EngineConfig(num_engines=engines, max_model_len=2048, max_num_seqs=256, kv_cache_gib=2, cpus_per_engine=1)
+    t0 = time.perf_counter()
+    pool = VLLMEnginePool(MODEL, engine)
+    start = time.perf_counter() - t0
+    try:
+        sampling = SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed)
+        pool.generate(prompts[:2], sampling.model_copy(update={"max_tokens": 4}))  # warm-up
+        started = time.perf_counter()
+        out = pool.generate(prompts, sampling)
+        seconds = time.perf_counter() - started
+        # update_weights timing for the RL loop: the same weights, from a state dict
+        from rayapp.models.io import load_causal_lm
+
+        state = load_causal_lm(MODEL).state_dict()
+        reload_s = pool.update_weights(state)
+    finally:
+        pool.shutdown()
+    lengths = [len(c.token_ids) for c in out]
+    stopped = sum(c.finish_reason == "stop" for c in out)
+    return {"seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds, "lengths": lengths,
+            "engine_start_s": start, "stopped_at_eos": stopped, "update_weights_s": reload_s}
+
+
+def bench_batch_job(rows: int) -> dict:
+    from rayapp.config import load_job
+    from rayapp.teachers.batch import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_job(ROOT / "jobs/rationales_smollm2.yaml", [
+            f"input={ROOT / 'data/reasoning/train.jsonl'}", f"max_rows={rows}", f"output_dir={tmp}/out",
+            "concurrency=[1,1]", "rows_per_shard=32", "batch_size=32",
+        ])
+        started = time.perf_counter()
+        summary = run(cfg)
+        seconds = time.perf_counter() - started
+        shard_times = sorted(p.stat().st_mtime for p in Path(tmp, "out", "shards").glob("shard-*[0-9].jsonl"))
+    steady = (len(shard_times) - 1) * 32 / (shard_times[-1] - shard_times[0]) if len(shard_times) > 1 else None
+    return {"rows": summary["rows_in"], "written": summary["written"], "seconds": seconds,
+            "rows_per_s_end_to_end": summary["rows_in"] / seconds, "rows_per_s_after_first_shard": steady}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--engines", type=int, default=1)
+    ap.add_argument("--batch-rows", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/teacher_throughput.json"))
+    args = ap.parse_args(argv)
+
+    from rayapp.models.io import load_tokenizer
+    from rayapp.runtime import ensure_ray
+    from rayapp.teachers.templates import get_template
+
+    tok = load_tokenizer(MODEL)
+    prompts = [tok.apply_chat_template(get_template(task).messages(q), add_generation_prompt=True, tokenize=False)
+               for task, q in load_questions(args.prompts)]
+    ensure_ray()
+    vllm = bench_vllm(prompts, args.max_tokens, args.engines, args.seed)
+    hf = bench_transformers(prompts, args.max_tokens, args.hf_batch, args.seed)
+    job = bench_batch_job(args.batch_rows) if args.batch_rows else None
+    ratio = vllm["tokens_per_s"] / hf["tokens_per_s"]
+
+    def spread(lengths):
+        s = sorted(lengths)
+        return f"mean {sum(s) / len(s):.0f}, min {s[0]}, median {s[len(s) // 2]}, max {s[-1]}"
+
+    print(f"\nSmolLM2-135M-Instruct fp32, {len(prompts)} CoT prompts, sampled T=0.7 top-p 0.95, max {args.max_tokens} new tokens, {os.cpu_count()} cores")
+    print(f"{'system':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>8}   completion lengths")
+    print(f"{'transformers generate (batch ' + str(args.hf_batch) + ')':<34}{hf['tokens']:>8}{hf['seconds']:>9.1f}{hf['tokens_per_s']:>8.1f}   {spread(hf['lengths'])}")
+    print(f"{'vLLM pool (' + str(args.engines) + ' CPU engine)':<34}{vllm['tokens']:>8}{vllm['seconds']:>9.1f}{vllm['tokens_per_s']:>8.1f}   {spread(vllm['lengths'])}")
+    print(f"ratio vLLM / transformers: {ratio:.2f}x (target 2.0x); vLLM engine start {vllm['engine_start_s']:.0f}s (not timed); "
+          f"{vllm['stopped_at_eos']}/{len(prompts)} stopped at EOS; update_weights(state dict) {vllm['update_weights_s'] * 1000:.0f} ms")
+    if job:
+        steady = job["rows_per_s_after_first_shard"]
+        print(f"batch job (task: rationales, {job['rows']} rows, 1 replica): {job['rows_per_s_end_to_end']:.2f} rows/s end to end "
+              f"(engine start included), {steady:.2f} rows/s after the first shard" if steady else "")
+    result = {
+        "ratio": round(ratio, 3), "target": 2.0, "model": MODEL, "dtype": "float32", "prompts": len(prompts),
+        "max_tokens": args.max_tokens, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+        "transformers": {k: round(v, 2) for k, v in hf.items() if k != "lengths"} | {"batch": args.hf_batch},
+        "vllm": {k: round(v, 3) for k, v in vllm.items() if k != "lengths"} | {"engines": args.engines},
+        "batch_job": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in job.items()} if job else None,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
