@@ -133,7 +133,8 @@ def _head_env() -> dict:
     # The head listens on loopback only; Ray's token auth would make every client find ~/.ray/auth_token.
     env["RAY_AUTH_MODE"] = "disabled"
     # On a loaded machine the dashboard agent can take longer than the raylet's default wait to come up.
-    env.setdefault("RAY_agent_register_timeout_ms", "120000")
+    env.setdefault("RAY_agent_register_timeout_ms", "300000")
+    env.setdefault("RAY_raylet_start_wait_time_s", "300")
     return env
 
 
