@@ -141,11 +141,34 @@ def run(cfg) -> dict:
     write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
     print(_timing_table(timings, total), flush=True)
     result = {"pipeline": str(out / "pipeline.json"), "wall_time_s": round(total, 1)}
+    if cfg.ask is not None:
+        result.update(ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {})))
     for name, t in timings.items():
         for key in ("report", "endpoint", "served_model", "answer"):
             if key in t.get("summary", {}):
                 result[f"{name}.{key}"] = t["summary"][key]
     return result
+
+
+def ask_deployed(ask, deploy_summary: dict) -> dict:
+    """POST one chat completion to a deploy stage's endpoint (plain HTTP, as any client would)."""
+    import urllib.request
+
+    url, model = deploy_summary.get("deploy_url"), deploy_summary.get("deploy_model_name")
+    if not url or not model:
+        raise StageFailed(f"ask: stage '{ask.stage}' recorded no endpoint (deploy_url / deploy_model_name)")
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": ask.prefix + ask.question}],
+        "max_tokens": ask.max_tokens,
+        "temperature": 0,
+    }
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(f"{url.rstrip('/')}/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        answer = json.loads(resp.read())["choices"][0]["message"]["content"]
+    print(f"\nasked {model} at {url}:\n  Q: {ask.question}\n  A: {answer.strip()}", flush=True)
+    return {"endpoint": url, "served_model": model, "question": ask.question, "answer": answer.strip()}
 
 
 def _timing_table(timings: dict, total: float) -> str:

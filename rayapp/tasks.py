@@ -5,6 +5,7 @@ Writes into output_dir (atomically, deterministic for a seed):
   train_cot.jsonl  {input_text, output_text: "<rationale> So the answer is <label>."}   teacher tuning
   unlabeled.jsonl  {input_text, task_type}                                   pool the teacher labels
   test.jsonl       {input_text, output_text: label, task_type}               held-out evaluation
+  pool.jsonl       train (with labels) + unlabeled (without): what a teacher labels and explains
 A gold rationale is derived from the generator's metadata where it carries the expression
 (chain_sum, basic_arithmetic: left-to-right steps "3 + 5 = 8. 8 - 2 = 6."); otherwise rows have
 no gold rationale and train_cot.jsonl holds the bare answers.
@@ -92,6 +93,9 @@ def build_rows(cfg) -> dict[str, list[dict]]:
         ],
         "unlabeled": [{"input_text": r["input_text"], "task_type": tt} for r in unlabeled],
         "test": [{"input_text": r["input_text"], "output_text": r["label"], "task_type": tt} for r in test],
+        # Everything the teacher sees: labeled rows keep their gold label (for its gold filter).
+        "pool": [{"input_text": r["input_text"], "output_text": r["label"], "task_type": tt} for r in train]
+        + [{"input_text": r["input_text"], "task_type": tt} for r in unlabeled],
     }
 
 

@@ -110,7 +110,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
         where = f"{source}:{line}" if line else source
         if field in overridden:
             where = f"{source} (override {field})"
-        problems.append(f"{where}: {field}: {msg}")
+        problems.append(f"{where}: {field}: {msg}" if loc else f"{where}: {msg}")
     return problems
 
 

@@ -17,6 +17,13 @@ from rayapp.config.base import StrictModel
 _REF = re.compile(r"\$\{stages\.([A-Za-z0-9_]+)\.output_dir\}")
 
 
+class AskConfig(StrictModel):
+    stage: str = Field(..., description="A deploy stage whose endpoint gets the question.")
+    question: str = Field(..., description="Sent as a chat message once the pipeline finishes.")
+    prefix: str = Field("", description="Prepended to the question (e.g. the student's 'predict: ' task prefix).")
+    max_tokens: int = Field(32, gt=0, description="Longest answer.")
+
+
 class PipelineJobConfig(StrictModel):
     kind: Literal["pipeline"] = Field("pipeline", description="Job kind.")
     name: str = Field("pipeline", description="Pipeline name; used in logs and the summary.")
@@ -26,6 +33,7 @@ class PipelineJobConfig(StrictModel):
     )
     skip_finished: bool = Field(True, description="Skip a stage that finished before with the same config and inputs.")
     only: list[str] | None = Field(None, description="Run just these stages (their inputs must exist).")
+    ask: AskConfig | None = Field(None, description="After the stages: ask a deployed model one question over HTTP and print the answer.")
 
     @model_validator(mode="after")
     def _check_stages(self):
@@ -56,6 +64,8 @@ class PipelineJobConfig(StrictModel):
             unknown = [s for s in self.only if s not in self.stages]
             if unknown:
                 problems.append(f"only: unknown stage(s) {unknown}; stages are {list(self.stages)}")
+        if self.ask is not None and self.stages.get(self.ask.stage, {}).get("kind") != "deploy":
+            problems.append(f"ask.stage: '{self.ask.stage}' is not a deploy stage of this pipeline")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -65,9 +75,14 @@ class PipelineJobConfig(StrictModel):
 
     def resolved_stage(self, name: str) -> dict:
         """The stage's job mapping with output_dir filled in and ${stages.X.output_dir} substituted."""
+        from rayapp.config.loader import JOB_KINDS, config_class
+
         stage = dict(self.stages[name])
-        stage.setdefault("name", name)
-        stage["output_dir"] = self.stage_output_dir(name)
+        fields = config_class(stage["kind"]).model_fields if stage.get("kind") in JOB_KINDS else {}
+        if "name" in fields:
+            stage.setdefault("name", name)
+        if "output_dir" in fields or not fields:
+            stage["output_dir"] = self.stage_output_dir(name)
         return _substitute(stage, lambda ref: self.stage_output_dir(ref) if ref in self.stages else f"${{stages.{ref}.output_dir}}")
 
     def dependencies(self, name: str) -> list[str]:
