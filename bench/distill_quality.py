@@ -71,7 +71,7 @@ def job(out: Path, teacher_file: Path, rationale_weight: float, steps: int, seed
         "kind": "distill", "name": out.name, "method": "step_by_step", "task_type": "number",
         "model": {"path": "tiny", "max_seq_len": 64},
         "teacher": {"outputs": str(teacher_file)},
-        "data": {"train": str(teacher_file)},
+        "data": {"train": str(teacher_file), "chat_template": "never"},  # plain "predict: 4 - 1 - 7 =" + answer: short sequences
         "step_by_step": {"rationale_weight": rationale_weight},
         "train": {"max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16 // num_workers, "learning_rate": 3e-3,
                   "warmup_ratio": 0.05, "eval_every": 10_000, "checkpoint_every": 10_000, "log_every": 10, "seed": seed},
@@ -90,6 +90,7 @@ def train_in_process(cfg) -> Path:
     from rayapp.training.loop import LocalReporter, fit
 
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(cfg.model.path)
     tok = load_tokenizer(model_dir)
     data = build_data(cfg, tok, out)
@@ -132,7 +133,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ray", action="store_true", help="run the full recipe on 2 Ray Train workers")
     ap.add_argument("--work", default="outputs/bench_distill_quality")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from rayapp.config.loader import load_job_dict
     from rayapp.evaluation import evaluate_answers
@@ -161,7 +166,7 @@ def main() -> None:
                 else:
                     model_dir = train_in_process(cfg)
                 acc = evaluate_answers(model_dir, test, task_type="number", prompt_fn=lambda x: "predict: " + x,
-                                       extract="answer", max_new_tokens=6)
+                                       extract="answer", max_new_tokens=6, chat_template="never")
                 row = {"n": n, "rationale_weight": rw, "seed": seed, "steps": args.steps, "accuracy": acc["accuracy"],
                        "correct": acc["correct"], "test_n": acc["n"], "seconds": round(time.perf_counter() - started, 1),
                        "samples": acc["samples"][:3]}

@@ -111,8 +111,8 @@ class DistillJobConfig(TrainingJobConfig):
         if needs_teacher and self.teacher.path is None:
             why = f"method: {m}" if m in ("logits", "features", "relations") else "student.init: from_teacher_layers"
             raise ValueError(f"teacher.path is missing but {why} needs a teacher; set teacher.path to a model directory or built-in name")
-        if self.adapter is not None and m in ("features", "relations"):
-            raise ValueError(f"adapter (LoRA) with method: {m} is not supported; remove adapter: for full tuning of the student")
+        if self.adapter is not None and (m in ("features", "relations") or (m == "self" and self.self_.teacher == "ema")):
+            raise ValueError(f"adapter (LoRA) with method: {m} is not supported here; remove adapter: for full tuning of the student")
         if self.resources.strategy == "fsdp" and m in ("features", "relations", "self"):
             raise ValueError(f"resources.strategy: fsdp with method: {m} is not supported (the teacher lives in each worker); use ddp")
         if m == "relations":

@@ -129,6 +129,7 @@ def _train(cfg, data, student_dir: Path, teacher_dir: str | None) -> dict:
 
 
 def _round_cfg(cfg, output_dir: Path, **train_updates):
+    output_dir.mkdir(parents=True, exist_ok=True)
     update = {"output_dir": str(output_dir)}
     if train_updates:
         update["train"] = cfg.train.model_copy(update=train_updates)
