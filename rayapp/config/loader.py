@@ -128,9 +128,15 @@ def load_job_dict(data: dict, source: str = "<dict>", lines: dict | None = None,
         line = lines.get(("kind",), 1)
         raise ConfigError([f"{source}:{line}: kind: unknown job kind '{kind}' (expected one of: {', '.join(JOB_KINDS)})"]) from None
     try:
-        return cls.model_validate(data)
+        cfg = cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, lines, overridden or set())) from None
+    # Ray workers do not share the driver's working directory: make a local output_dir absolute
+    # here, once, so every process writes to the same place (URIs such as s3://... stay as they are).
+    out = getattr(cfg, "output_dir", None)
+    if isinstance(out, str) and "://" not in out and not os.path.isabs(out):
+        cfg.output_dir = os.path.abspath(out)
+    return cfg
 
 
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None):

@@ -71,7 +71,7 @@ def resolve_model(ref: str) -> Path:
             f"model.path '{ref}': {path} has no *.safetensors weights; rayapp loads safetensors only "
             "(convert .bin weights with `model.save_pretrained(dir, safe_serialization=True)`)"
         )
-    return path
+    return path.resolve()  # absolute: Ray workers run in other working directories
 
 
 def torch_dtype(name: str):
