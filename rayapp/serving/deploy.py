@@ -178,10 +178,11 @@ def status() -> list[dict]:
     if client is None:
         return []
     http = client.http_config
+    details = client.get_serve_details().get("applications", {})
     rows = []
     for app_name, app in serve.status().applications.items():
         replicas = {d: dict(s.replica_states) for d, s in app.deployments.items()}
-        prefix = (app.route_prefix or "/").rstrip("/")
+        prefix = ((details.get(app_name) or {}).get("route_prefix") or "/").rstrip("/")
         rows.append({
             "name": app_name, "state": str(app.status.value if hasattr(app.status, "value") else app.status),
             "url": f"http://{http.host}:{http.port}{prefix}/v1", "replicas": replicas,

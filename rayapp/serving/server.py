@@ -74,6 +74,13 @@ class RayappIngress(OpenAiIngress):
     async def _get_response(self, *, body, call_method, raw_request=None):
         if getattr(body, "model", None):
             body.model = self._full_id(body.model)
+        if hasattr(body, "messages"):
+            # pydantic validates `messages` lazily; materialise it here so `messages: 5` is a 400, not a
+            # replica-side 500.
+            try:
+                body.messages = list(body.messages)
+            except (TypeError, ValueError) as e:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid request body: messages: {e}") from e
         started = False
         try:
             async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
