@@ -21,6 +21,7 @@ entropy, response length, clip fraction, value loss, time split (generate / scor
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -300,6 +301,7 @@ def rlhf_worker(config: dict) -> None:
             m["value_loss"] = red[3] / tokens / cfg.rl.update_epochs
         for key in rollouts[0]["parts"]:
             m[key] = sum(r["parts"].get(key, 0.0) for r in rollouts) / len(rollouts)
+        m.update({f"sync_{k}": v for k, v in getattr(sync, "last", {}).items()})
         m["time_iteration_s"] = t_end - t_iter  # on rank 0, which writes the metrics, this includes generation
         m["sync_share"] = m["time_sync_s"] / max(m["time_iteration_s"], 1e-9)
         done = it + 1 == cfg.rl.iterations
@@ -315,6 +317,7 @@ def rlhf_worker(config: dict) -> None:
                 f"[{cfg.name}] iter {it + 1}/{cfg.rl.iterations} reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} "
                 f"kl {m['kl_ref']:.4f} len {m['response_len']:.1f} clip {m['clip_fraction']:.3f} | gen {m['time_generate_s']:.1f}s "
                 f"score {m['time_score_s']:.1f}s train {m['time_train_s']:.1f}s sync {m['time_sync_s'] * 1000:.0f}ms",
+                file=sys.__stdout__,  # Ray Train patches print() to also log it, which shows every line twice
                 flush=True,
             )
         reporter.report(m, ckpt_dir)

@@ -65,16 +65,15 @@ def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the second name of tied tensors (lm_head = embed_tokens): safetensors refuses shared
-    storage, and vLLM ties them again when loading a model with tie_word_embeddings."""
+    """Copy the second name of tied tensors (lm_head = embed_tokens): safetensors refuses shared
+    storage, and both names must be sent: vLLM's CPU backend repacks lm_head into its own buffer
+    after loading, so leaving it out leaves the engine with the old output layer."""
     seen: set[tuple] = set()
     out = {}
     for k, v in state.items():
         ptr = (v.data_ptr(), tuple(v.shape))
-        if ptr in seen:
-            continue
+        out[k] = v.contiguous().clone() if ptr in seen else v.contiguous()
         seen.add(ptr)
-        out[k] = v.contiguous()
     return out
 
 

@@ -79,17 +79,24 @@ def test_one_grpo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):
 
 
 def test_one_ppo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):
+    from rayapp.models.io import load_tokenizer
+    from rayapp.models.value_head import load_reward_model, save_reward_model
     from rayapp.training.rlhf import run
 
+    # A reward model in the reward_model job's export format (untrained head): scored by a Ray actor.
+    tok = load_tokenizer(str(tiny_model_dir))
+    rm_dir = save_reward_model(load_reward_model(tiny_model_dir, pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
     out = tmp_path / "ppo"
     cfg = load_job(
         ROOT / "jobs/rlhf_ppo.yaml",
         [f"output_dir={out}", "rl.iterations=1", "rl.prompts_per_iteration=16", "train.global_batch_size=8",
-         "train.micro_batch_size=4", "train.learning_rate=3e-3", "rl.eval_prompts=0", LENGTH_REWARD],
+         "train.micro_batch_size=4", "train.learning_rate=3e-3", "rl.eval_prompts=0", LENGTH_REWARD,
+         f"rl.reward_model={rm_dir}", "rl.reward_model_weight=0.1"],
     )
     run(cfg, pool=pool)
     (row,) = _rows(out)
     assert row["value_loss"] > 0 and row["clip_fraction"] >= 0 and row["time_sync_s"] > 0
+    assert "reward_model" in row and row["reward_model"] != 0.0
     from safetensors import safe_open
 
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
