@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                for task, q in load_questions(args.prompts)]
     ensure_ray()
     vllm = bench_vllm(prompts, args.max_tokens, args.engines, args.seed)
+    print(f"vLLM pool: {vllm['tokens']} tokens in {vllm['seconds']:.1f}s = {vllm['tokens_per_s']:.1f} tok/s", flush=True)
     hf = bench_transformers(prompts, args.max_tokens, args.hf_batch, args.seed)
+    print(f"transformers: {hf['tokens']} tokens in {hf['seconds']:.1f}s = {hf['tokens_per_s']:.1f} tok/s", flush=True)
     job = bench_batch_job(args.batch_rows) if args.batch_rows else None
     ratio = vllm["tokens_per_s"] / hf["tokens_per_s"]
 
@@ -155,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{vllm['stopped_at_eos']}/{len(prompts)} stopped at EOS; update_weights(state dict) {vllm['update_weights_s'] * 1000:.0f} ms")
     if job:
         steady = job["rows_per_s_after_first_shard"]
-        print(f"batch job (task: rationales, {job['rows']} rows, 1 replica): {job['rows_per_s_end_to_end']:.2f} rows/s end to end "
-              f"(engine start included), {steady:.2f} rows/s after the first shard" if steady else "")
+        after = f", {steady:.2f} rows/s after the first shard" if steady else ""
+        print(f"batch job (task: rationales, {job['rows']} rows, 1 replica): {job['rows_per_s_end_to_end']:.2f} rows/s "
+              f"end to end (engine start included){after}")
     result = {
         "ratio": round(ratio, 3), "target": 2.0, "model": MODEL, "dtype": "float32", "prompts": len(prompts),
         "max_tokens": args.max_tokens, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
