@@ -58,6 +58,50 @@ class APIKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class ChatShapeMiddleware:
+    """ASGI middleware: a chat body whose ``messages`` is not a list of objects gets a 400.
+
+    pydantic validates ``messages`` lazily, so ``"messages": 5`` would otherwise fail inside the
+    request parsing with a TypeError that the ingress reports as a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/chat/completions"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None  # malformed JSON: FastAPI answers 400 itself
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(data, dict) and "messages" in data and not (
+                isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+            found = type(messages).__name__
+            payload = json.dumps({"error": {"message": f"invalid request: messages: expected a list of "
+                                            f"{{role, content}} objects, got {found}",
+                                            "type": "invalid_request_error", "param": "messages", "code": 400}})
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": payload.encode()})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def adapter_rank(adapter_dir: str | Path) -> int:
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     return int(cfg.get("r", 8))
@@ -119,7 +163,8 @@ def build_app(model_dir: str | Path, name: str, deploy: DeployConfig, adapters: 
     llm_config = build_llm_config(model_dir, name, deploy, adapters)
     server = build_llm_deployment(llm_config, deployment_cls=RayappLLMServer, bind_kwargs={"adapters": adapters})
     app = init()
-    if api_key:
+    app.add_middleware(ChatShapeMiddleware)
+    if api_key:  # added last, so it runs first
         app.add_middleware(APIKeyMiddleware, key_sha256=key_digest(api_key))
     ingress_cls = RayappIngress
     options = ingress_cls.get_deployment_options([llm_config])

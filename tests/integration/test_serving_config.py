@@ -113,3 +113,24 @@ def test_cli_rejects_bad_adapter_flag():
     from rayapp.cli import main
 
     assert main(["deploy", "tiny", "--adapter", "no-equals-sign"]) == 1
+
+
+def test_chat_shape_middleware():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from rayapp.serving.app import ChatShapeMiddleware
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        return {"n": len(body["messages"])}
+
+    app.add_middleware(ChatShapeMiddleware)
+    client = TestClient(app)
+    bad = client.post("/v1/chat/completions", json={"model": "m", "messages": 5})
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json={"messages": ["x"]}).status_code == 400
+    ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200 and ok.json() == {"n": 1}  # the body is replayed to the app intact
