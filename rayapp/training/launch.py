@@ -48,7 +48,9 @@ def worker_setup(num_threads_hint: float = 1.0) -> dict:
     import torch
 
     # Ray Train logs every report at INFO on the console; our progress line says what matters.
-    logging.getLogger("ray.train").setLevel(os.environ.get("RAYAPP_TRAIN_LOG_LEVEL", "WARNING"))
+    level = os.environ.get("RAYAPP_TRAIN_LOG_LEVEL", "WARNING")
+    for name in ["ray.train", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.train.")]]:
+        logging.getLogger(name).setLevel(level)
     ctx = ray.train.get_context()
     local = max(1, ctx.get_local_world_size())
     threads = max(1, int(num_threads_hint), (os.cpu_count() or 1) // local)
