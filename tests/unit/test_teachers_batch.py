@@ -117,3 +117,14 @@ def test_example_jobs_validate(job):
     cfg = load_job(root / job)
     cfg.input = str(root / cfg.input)
     assert "usable" in validate(cfg)
+
+
+def test_cpu_sampling_drops_request_seed_with_top_p():
+    pytest.importorskip("vllm")
+    from rayapp.config.base import SamplingConfig
+    from rayapp.teachers.pool import sampling_params
+
+    s = SamplingConfig(temperature=0.7, top_p=0.9, seed=3)
+    assert sampling_params(s, cpu=True).seed is None  # vLLM CPU dies on seeded top-p sampling
+    assert sampling_params(s, cpu=False).seed == 3
+    assert sampling_params(s.model_copy(update={"top_p": 1.0}), cpu=True).seed == 3
