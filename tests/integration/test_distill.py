@@ -1,0 +1,158 @@
+"""Every distillation method on tiny models with 2 Ray Train workers: the loss goes down and the
+exported model/ loads in vLLM. step_by_step's unlabelled rows get their labels (and every row its
+rationale) from a real teacher served by the vLLM pool: the tiny model tuned here on worked
+arithmetic answers ("17 + 72 = 89. So the answer is 89.")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayapp.config import load_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["train.eval_every=4", "train.checkpoint_every=8", "evaluation.max_examples=8", "evaluation.max_new_tokens=16",
+        "teacher.engine.max_model_len=128", "teacher.engine.cpus_per_engine=1"]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_trained(out: Path, key: str | None = None) -> None:
+    rows = _metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    if key:
+        assert key in rows[-1], rows[-1]
+    for name in ("config.resolved.yaml", "eval.json", "report.html", "model/config.json"):
+        assert (out / name).exists(), name
+
+
+@pytest.fixture(scope="module")
+def tuned_teacher(tmp_path_factory) -> Path:
+    """The tiny model tuned in this process on worked answers: a teacher that writes a rationale
+    and 'So the answer is N.' (its answers need not be right)."""
+    import torch
+
+    from rayapp.config.base import TrainConfig
+    from rayapp.data.collate import collate_sft
+    from rayapp.data.sft import load_sft_dataset
+    from rayapp.models.io import load_causal_lm, load_tokenizer, resolve_model, save_model_atomic
+    from rayapp.training.loop import LocalReporter, fit
+    from rayapp.training.sft import count_supervised, sft_loss
+
+    torch.set_num_threads(1)  # far faster than 2 threads on a busy 2-core machine
+    tok = load_tokenizer(resolve_model("tiny"))
+    model = load_causal_lm(resolve_model("tiny"))
+    data = load_sft_dataset(ROOT / "data/sft_tiny/train.jsonl", tok, None, 64)
+    fit(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), train_items=data.examples, val_items=None,
+        collate=lambda it: collate_sft(it, tok.pad_token_id), count_fn=count_supervised, loss_fn=sft_loss,
+        cfg=TrainConfig(max_steps=TEACHER_STEPS, global_batch_size=16, micro_batch_size=16, learning_rate=3e-3, checkpoint_every=10_000, log_every=50),
+        micro_batch_size=16, reporter=LocalReporter())
+    return save_model_atomic(model, tok, tmp_path_factory.mktemp("teacher") / "model")
+
+
+TEACHER_STEPS = 160
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """One vLLM engine with the 1-layer student architecture; each test reloads its exported weights into it."""
+    from rayapp.config.base import EngineConfig
+    from rayapp.models.student import from_teacher_layers
+    from rayapp.teachers.pool import VLLMEnginePool
+
+    arch = from_teacher_layers(tiny_model_dir, tmp_path_factory.mktemp("arch") / "model", keep_every=2)
+    pool = VLLMEnginePool(arch, EngineConfig(num_engines=1, max_model_len=128, max_num_seqs=8, kv_cache_gib=1), name="check")
+    yield pool
+    pool.shutdown()
+
+
+def _loads_in_vllm(engine, model_dir: Path) -> None:
+    from rayapp.config.base import SamplingConfig
+
+    engine.update_weights(str(model_dir))
+    out = engine.generate(["What is 12 + 30?"], SamplingConfig(temperature=0.0, max_tokens=6))
+    assert out[0].ok and len(out[0].token_ids) >= 1
+
+
+def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, tuned_teacher, engine, tmp_path):
+    from rayapp.training.distill import run
+
+    out = tmp_path / "sbs"
+    cfg = load_job(ROOT / "jobs/distill_step_by_step.yaml", [
+        f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", "student.init=from_teacher_layers",
+        "evaluation.teacher=true", *FAST])
+    summary = run(cfg)
+    _assert_trained(out, "rationale_loss")
+    teacher_rows = [json.loads(x) for x in (out / "teacher" / "rationales.jsonl").read_text().splitlines()]
+    inputs = [json.loads(x) for x in (ROOT / "data/distill_tiny/train.jsonl").read_text().splitlines()]
+    unlabelled = {r["input_text"] for r in inputs if "output_text" not in r}
+    labelled_by_teacher = [r for r in teacher_rows if r["input_text"] in unlabelled]
+    assert len(labelled_by_teacher) >= len(unlabelled) // 2, "the teacher labelled too few rows"
+    assert all(r["label"] and r["rationale"] and r["teacher"]["model"] == str(tuned_teacher) for r in labelled_by_teacher)
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert "student_answer_accuracy" in evaluation and "teacher_answer_accuracy" in evaluation
+    assert summary["model"] == str(out / "model")
+    _loads_in_vllm(engine, out / "model")
+    # A re-run reuses the cached teacher output (no engine started: the file is unchanged).
+    stamp = (out / "teacher" / "rationales.jsonl").stat().st_mtime_ns
+    run(load_job(ROOT / "jobs/distill_step_by_step.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8",
+                                                           "student.init=from_teacher_layers", "evaluation.max_examples=2", *FAST[:2]]))
+    assert (out / "teacher" / "rationales.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_logits_kd_from_vllm_top_k(ray_cluster, engine, tmp_path):
+    from rayapp.training.distill import run
+
+    out = tmp_path / "logits"
+    run(load_job(ROOT / "jobs/distill_logits.yaml", [f"output_dir={out}", *FAST]))
+    _assert_trained(out, "kd_loss")
+    topk = [json.loads(x) for x in (out / "teacher" / "topk.jsonl").read_text().splitlines()]
+    assert len(topk[0]["ids"][0]) == 20 and all(lp <= 0 for lp in topk[0]["logprobs"][0])
+    _loads_in_vllm(engine, out / "model")
+
+
+def test_relations_and_born_again_self(ray_cluster, engine, tmp_path):
+    from rayapp.training.distill import run
+
+    out = tmp_path / "rel"
+    run(load_job(ROOT / "jobs/distill_relations.yaml", [f"output_dir={out}", *FAST]))
+    _assert_trained(out, "relation_loss")
+    _loads_in_vllm(engine, out / "model")
+
+    out = tmp_path / "self"
+    run(load_job(ROOT / "jobs/distill_self.yaml", [f"output_dir={out}", "student.init=from_teacher_layers", "teacher.path=tiny",
+                                                   "train.max_steps=4", *FAST]))
+    _assert_trained(out, "kd_loss")
+    assert (out / "round_1" / "model" / "config.json").exists()  # generation 1 taught generation 2
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "rounds: 2" in resolved
+    _loads_in_vllm(engine, out / "model")
+
+
+def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_model_dir, tmp_path):
+    """Student width 64 vs teacher 128: the projector is a real Linear(64, 128); model/ loads in vLLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayapp.config.base import EngineConfig, SamplingConfig
+    from rayapp.models.io import load_tokenizer, save_model_atomic
+    from rayapp.teachers.pool import VLLMEnginePool
+    from rayapp.training.distill import run
+
+    tok = load_tokenizer(tiny_model_dir)
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=256,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    student = save_model_atomic(narrow, tok, tmp_path / "narrow")
+    out = tmp_path / "feat"
+    run(load_job(ROOT / "jobs/distill_features.yaml", [f"output_dir={out}", f"model.path={student}", "student.init=from_model", *FAST]))
+    _assert_trained(out, "feature_loss")
+    rows = _metrics(out)
+    assert rows[-1]["feature_loss"] < rows[0]["feature_loss"], [r["feature_loss"] for r in rows]
+    with VLLMEnginePool(out / "model", EngineConfig(max_model_len=128, max_num_seqs=4, kv_cache_gib=1), name="check") as pool:
+        got = pool.generate(["What is 1 + 2?"], SamplingConfig(temperature=0.0, max_tokens=4))
+        assert got[0].ok and got[0].token_ids
