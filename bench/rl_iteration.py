@@ -78,6 +78,8 @@ def main() -> None:
         "iterations": len(rows),
         "reward_first": summary["reward_first"],
         "reward_last5": summary["reward_last5"],
+        # one iteration is 32 samples: the first-five mean says how much of the ratio is start-up noise
+        "ratio_last5_over_first5": summary["reward_last5"] / (sum(r["reward_mean"] for r in rows[:5]) / len(rows[:5]) or float("nan")),
         "reward_curve": [round(r["reward_mean"], 4) for r in rows],
         "exact_match_curve": [round(r.get("reward_exact_match", 0.0), 4) for r in rows],
         "format_curve": [round(r.get("reward_format", 0.0), 4) for r in rows],
