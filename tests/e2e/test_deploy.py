@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]  # train + engine start: >15 min on a loaded 2-core machine
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
 
