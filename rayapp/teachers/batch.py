@@ -132,7 +132,7 @@ def process_rows(gen, items: list[dict], cfg: BatchJobConfig, chat: bool) -> lis
         from rayapp.teachers.templates import get_template
 
         r = cfg.rationales
-        template = get_template(r.task_type, r.system, [s.model_dump() for s in r.shots] if r.shots else None)
+        template = get_template(r.task_type, r.system, [s.model_dump() for s in r.shots] if r.shots is not None else None)
         inputs = [{**it["data"], "_row": it["row"]} for it in items]
         rows, stats = generate_rationales(gen, inputs, template, cfg.sampling, r.self_consistency_n, r.gold_filter, chat, cfg.model.path)
         results = [{"row": row.pop("_row"), "status": "ok", "data": row} for row in rows]

@@ -128,3 +128,25 @@ def test_cpu_sampling_drops_request_seed_with_top_p():
     assert sampling_params(s, cpu=True).seed is None  # vLLM CPU dies on seeded top-p sampling
     assert sampling_params(s, cpu=False).seed == 3
     assert sampling_params(s.model_copy(update={"top_p": 1.0}), cpu=True).seed == 3
+
+
+def test_rationales_with_no_shots_sends_the_bare_question():
+    """`rationales.shots: []` means zero-shot (a teacher tuned on the task), not the default shots."""
+    from rayapp.config import load_job_dict
+    from rayapp.teachers import Completion
+    from rayapp.teachers.batch import process_rows
+
+    seen = []
+
+    class Recorder:
+        model_path = "m"
+
+        def generate(self, prompts, sampling):
+            seen.extend(prompts)
+            return [Completion(text="1 + 1 = 2. So the answer is 2.", token_ids=[1], finish_reason="stop", prompt_index=i) for i in range(len(prompts))]
+
+    cfg = load_job_dict({"kind": "batch", "task": "rationales", "output_dir": "/tmp/x",
+                         "rationales": {"task_type": "number", "system": "", "shots": [], "gold_filter": "off"}})
+    rows = process_rows(Recorder(), [{"row": 0, "data": {"input_text": "What is 1 + 1?"}}], cfg, chat=True)
+    assert seen == [[{"role": "user", "content": "What is 1 + 1?"}]]
+    assert rows[0]["status"] == "ok" and rows[0]["data"]["label"] == "2"
