@@ -89,4 +89,14 @@ def launch(worker_fn, worker_config: dict, cfg):
             logging_config=LoggingConfig(log_level=os.environ.get("RAYAPP_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
-    return trainer.fit()
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from rayapp.training.common import TrainingFailed
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:  # Ray Train v2 raises the workers' error instead of returning it
+        raise TrainingFailed(
+            f"job '{cfg.name}' failed in the training workers: {e}\n"
+            f"  checkpoints so far are in {Path(storage) / CHECKPOINT_RUN_NAME}; re-running the job resumes from the latest"
+        ) from e
