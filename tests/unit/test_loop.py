@@ -86,9 +86,9 @@ class _KilledAfter(LocalReporter):
         self.kill_at = kill_at
 
     def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["step"] == self.kill_at:
+        if metrics["step"] == self.kill_at:  # dies before this checkpoint is stored
             raise KeyboardInterrupt("killed")
+        super().report(metrics, checkpoint_dir)
 
 
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_model, tmp_path):
@@ -104,11 +104,11 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_mode
 
     metrics = tmp_path / "metrics.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        run(_KilledAfter(tmp_path / "ckpt", kill_at=5), metrics)  # dies after step 5; last checkpoint is 4
+        run(_KilledAfter(tmp_path / "ckpt", kill_at=6), metrics)  # dies at step 6; last checkpoint is 4
     resumed = run(LocalReporter(tmp_path / "ckpt"), metrics)
     assert resumed.resumed_from == 4
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 5 of the killed run was dropped and re-run
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 of the killed run were dropped and re-run
     full = run(LocalReporter(tmp_path / "ckpt_full"))
     assert full.metrics["loss"] == pytest.approx(resumed.metrics["loss"], rel=1e-4)
 
