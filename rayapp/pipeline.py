@@ -97,6 +97,13 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(cfg.stages)
+    serves = any(s.get("kind") == "deploy" or (s.get("deploy") or {}).get("enabled") for s in cfg.stages.values())
+    if serves and not os.environ.get("RAY_ADDRESS"):
+        # A deployment must outlive this process: run every stage on the persistent local head
+        # (`rayapp deploy --status / --shutdown` see and stop it afterwards).
+        from rayapp.serving.local_head import ensure_local_head
+
+        print(f"[{cfg.name}] using the local Ray head at {ensure_local_head()} (it keeps serving after the pipeline)", flush=True)
     fingerprints: dict[str, str] = {}
     timings: dict[str, dict] = {}
     t_pipeline = time.perf_counter()

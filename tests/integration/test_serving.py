@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 KEY = "test-key-0123456789"
 MODEL = "tiny-served"
