@@ -151,7 +151,7 @@ def run(cfg) -> dict:
     if cfg.ask is not None:
         result.update(ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {})))
     for name, t in timings.items():
-        for key in ("report", "endpoint", "served_model", "answer"):
+        for key in ("table", "report", "endpoint", "served_model", "answer"):
             if key in t.get("summary", {}):
                 result[f"{name}.{key}"] = t["summary"][key]
     return result
