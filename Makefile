@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # ("operator torchvision::nms does not exist"); rayapp needs none of them.
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup demo test test-fast lint bench data clean
+.PHONY: setup demo test test-all test-fast lint bench data clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/rayapp run jobs/demo.yaml
 
+# The default suite leaves out tests marked `slow` (each starts its own Ray head or trains for
+# minutes: job submission, worker-kill recovery, distillation methods through Ray, the reward
+# endpoint, deploy-after-training); `make test-all` runs them too.
 test: setup
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not slow" --durations=25
+
+test-all: setup
+	$(BIN)/python -m pytest tests -q --durations=40
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit -q
