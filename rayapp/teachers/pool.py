@@ -60,15 +60,15 @@ def llm_kwargs(model_path: str, engine: EngineConfig) -> dict[str, Any]:
 def sampling_params(sampling: SamplingConfig | dict, cpu: bool = False, **overrides):
     """SamplingConfig -> vllm.SamplingParams.
 
-    On the CPU build a per-request seed combined with top-p / top-k kills the engine
-    ("CPU Generator does not use offset", vLLM 0.32): there the request seed is dropped and
-    sampling is reproducible only through engine.seed."""
+    On the CPU build a per-request seed kills the engine ("CPU Generator does not use offset",
+    vLLM 0.32; seen with top-p / top-k and with plain temperature sampling of long prompts): there
+    the request seed is dropped and sampling is reproducible only through engine.seed."""
     from vllm import SamplingParams
 
     s = sampling.model_dump() if isinstance(sampling, SamplingConfig) else dict(sampling)
     s.update(overrides)
-    if cpu and s["seed"] is not None and (s["top_p"] < 1.0 or (s["top_k"] or 0) > 0):
-        log.warning("sampling.seed ignored on CPU with top_p/top_k (vLLM CPU limitation); engine.seed still applies")
+    if cpu and s["seed"] is not None:
+        log.warning("sampling.seed ignored on CPU (vLLM CPU limitation); engine.seed still applies")
         s["seed"] = None
     return SamplingParams(
         n=s["n"],
