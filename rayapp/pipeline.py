@@ -185,9 +185,3 @@ def _timing_table(timings: dict, total: float) -> str:
         lines.append(f"{name:<16}{t['kind']:<14}{t['status']:<11}{(f'{wall:.0f}' if wall is not None else '-'):>8}")
     lines.append(f"{'total':<41}{total:>8.0f}")
     return "\n".join(lines)
-
-
-def stage_summary(pipeline_dir: str | os.PathLike, stage: str) -> dict:
-    """The summary a finished stage recorded (for tools and tests)."""
-    state = _read_state(Path(pipeline_dir) / stage)
-    return (state or {}).get("summary", {})

@@ -68,8 +68,3 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
             "or start the local cluster with more logical CPUs (RAYAPP_LOCAL_CPUS)"
         )
         raise ResourceError(f"{what} asks for {' and '.join(problems)}; {hint}")
-
-
-def cpu_threads_per_worker(num_workers: int) -> int:
-    """Torch threads per training worker so that workers do not oversubscribe the cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))

@@ -129,10 +129,6 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return _PERM_CACHE[key]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def fit(
     *,
     model: torch.nn.Module,
