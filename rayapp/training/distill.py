@@ -106,6 +106,7 @@ def distill_worker(config: dict) -> None:
         metrics_path=Path(cfg.output_dir) / "metrics.jsonl",
         name=cfg.name,
         device=env["device"],
+        extra_modules={"ema_teacher": teacher} if method == "self" and cfg.self_.teacher == "ema" else None,
     )
     export_model(student if method in ("features", "relations") else model, tokenizer, cfg, env["rank"])
 

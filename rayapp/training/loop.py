@@ -145,9 +145,14 @@ def fit(
     name: str = "train",
     unit: str = "tok",
     device: torch.device | str = "cpu",
-    extra_state: dict | None = None,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
 ) -> LoopResult:
-    """Train ``model`` for the configured steps. Every rank calls this with the same arguments."""
+    """Train ``model`` for the configured steps. Every rank calls this with the same arguments.
+
+    ``extra_modules`` are modules whose state is not in ``model`` or the optimizer but changes as
+    training goes (an EMA teacher): saved in every checkpoint from rank 0 and restored on resume on
+    every rank, so a resumed run continues from the same state instead of re-initialising it.
+    """
     rank, world = _rank_world()
     n = len(train_items)
     G = cfg.global_batch_size
@@ -161,7 +166,7 @@ def fit(
     start_step, resumed_from = 0, None
     ckpt = reporter.latest_checkpoint()
     if ckpt:
-        start_step = _load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step = _load_checkpoint(ckpt, model, optimizer, scheduler, extra_modules)
         resumed_from = start_step
         # The learning rate follows this run's schedule (a re-run may change max_steps or epochs).
         schedule = lr_lambda(cfg, total)
@@ -219,7 +224,7 @@ def fit(
             metrics.update(evaluate(model, val_items, collate, count_fn, loss_fn, micro_batch_size, device))
         ckpt_dir = None
         if (step + 1) % cfg.checkpoint_every == 0 or done:
-            ckpt_dir = _save_checkpoint(model, optimizer, scheduler, step + 1, extra_state, rank)
+            ckpt_dir = _save_checkpoint(model, optimizer, scheduler, step + 1, extra_modules, rank)
         if rank == 0:
             if metrics_path and ((step + 1) % cfg.log_every == 0 or done or "val_loss" in metrics):
                 with open(metrics_path, "a") as f:
@@ -292,7 +297,7 @@ def _full_state(model, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer, options=opts)
 
 
-def _save_checkpoint(model, optimizer, scheduler, step: int, extra_state: dict | None, rank: int) -> str | None:
+def _save_checkpoint(model, optimizer, scheduler, step: int, extra_modules: dict | None, rank: int) -> str | None:
     """Every rank calls this; rank 0 writes the checkpoint directory and returns its path."""
     model_sd, optim_sd = _full_state(model, optimizer)
     if rank != 0:
@@ -304,7 +309,7 @@ def _save_checkpoint(model, optimizer, scheduler, step: int, extra_state: dict |
             "optimizer": optim_sd,
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
-            "extra": extra_state or {},
+            "extra": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in (extra_modules or {}).items()},
         },
         os.path.join(d, "state.pt"),
     )
@@ -313,7 +318,7 @@ def _save_checkpoint(model, optimizer, scheduler, step: int, extra_state: dict |
     return d
 
 
-def _load_checkpoint(path: str, model, optimizer, scheduler) -> int:
+def _load_checkpoint(path: str, model, optimizer, scheduler, extra_modules: dict | None = None) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
@@ -325,6 +330,11 @@ def _load_checkpoint(path: str, model, optimizer, scheduler) -> int:
         options=StateDictOptions(full_state_dict=True, strict=False),
     )
     scheduler.load_state_dict(state["scheduler"])
+    for key, module in (extra_modules or {}).items():
+        if key not in state.get("extra", {}):
+            raise RuntimeError(f"checkpoint {path} has no state for {key!r} (saved by an older version?); "
+                               "start from scratch with a new output_dir")
+        module.load_state_dict(state["extra"][key])
     with open(os.path.join(path, "meta.json")) as f:
         return int(json.load(f)["step"])
 

@@ -113,6 +113,32 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_mode
     assert full.metrics["loss"] == pytest.approx(resumed.metrics["loss"], rel=1e-4)
 
 
+def test_ema_teacher_state_is_checkpointed_and_restored_on_resume(fresh_model, tmp_path):
+    """An EMA copy of the student (self-distillation) changes every step outside model and optimizer:
+    a killed-then-resumed run must end with the same EMA weights as an uninterrupted one."""
+    from rayapp.training.distill_losses import ema_update
+
+    items = _examples(16, 1000)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=4, learning_rate=1e-3, max_steps=6, checkpoint_every=2)
+
+    def run(reporter):
+        m, ema = fresh_model(), fresh_model().requires_grad_(False)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        opt.register_step_post_hook(lambda *_: ema_update(ema, m, 0.5))
+        fit(model=m, optimizer=opt, train_items=items, val_items=None, collate=_collate, count_fn=count_supervised,
+            loss_fn=sft_loss, cfg=cfg, micro_batch_size=4, reporter=reporter, extra_modules={"ema_teacher": ema})
+        return ema
+
+    with pytest.raises(KeyboardInterrupt):
+        run(_KilledAfter(tmp_path / "ckpt", kill_at=6))
+    resumed = run(LocalReporter(tmp_path / "ckpt"))
+    full = run(LocalReporter(tmp_path / "ckpt_full"))
+    start = fresh_model()
+    for (name, a), (_, b), (_, s0) in zip(resumed.named_parameters(), full.named_parameters(), start.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+    assert any(not torch.equal(b, s0) for (_, b), (_, s0) in zip(full.named_parameters(), start.named_parameters(), strict=False))
+
+
 def test_data_order_is_a_permutation_per_epoch():
     seen = []
     for step in range(4):
