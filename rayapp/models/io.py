@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rayapp.errors import UserError
 from rayapp.models.packaged import PACKAGED, convert_packaged
-from rayapp.models.tiny import TinySpec, build_tiny_model
+from rayapp.models.tiny import build_tiny_model, parse_tiny_ref
 
 BUILTIN_NAMES = ("tiny", *PACKAGED)
 
@@ -46,7 +46,10 @@ def _file_lock(path: Path):
 def resolve_model(ref: str) -> Path:
     """Turn a model reference into a local directory, building or converting built-in models once."""
     if ref == "tiny" or ref.startswith("tiny:"):
-        spec = TinySpec()
+        try:
+            spec = parse_tiny_ref(ref)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         out = cache_dir() / "models" / f"tiny-{spec.key()}"
         with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
             if not (out / "config.json").exists():

@@ -46,6 +46,47 @@ class TinySpec:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Short names accepted in "tiny:layers=4,hidden=256" model references.
+_SPEC_ALIASES = {"layers": "num_hidden_layers", "hidden": "hidden_size", "intermediate": "intermediate_size",
+                 "heads": "num_attention_heads", "vocab": "vocab_size", "seed": "seed"}
+
+
+def parse_tiny_ref(ref: str) -> TinySpec:
+    """'tiny' -> the default spec; 'tiny:layers=4,hidden=256' -> a bigger one.
+
+    Keys: layers, hidden, intermediate, heads, vocab, seed (or TinySpec's field names). With
+    ``hidden`` and no ``heads``, heads follow hidden / 64 (vLLM's CPU kernels need head size 64)
+    and ``intermediate`` follows 2.75 x hidden, as in the default.
+    """
+    if ref == "tiny":
+        return TinySpec()
+    if not ref.startswith("tiny:"):
+        raise ValueError(f"not a tiny model reference: {ref!r}")
+    fields = {f for f in TinySpec.__dataclass_fields__ if f != "version"}
+    values: dict[str, int] = {}
+    for part in filter(None, ref[len("tiny:"):].split(",")):
+        key, sep, raw = part.partition("=")
+        name = _SPEC_ALIASES.get(key.strip(), key.strip())
+        if not sep or name not in fields:
+            raise ValueError(f"model.path {ref!r}: {part!r} is not KEY=INT with KEY one of {', '.join(_SPEC_ALIASES)}")
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ValueError(f"model.path {ref!r}: {key}={raw!r} is not an integer") from None
+        if values[name] <= 0 and name != "seed":
+            raise ValueError(f"model.path {ref!r}: {key} must be positive")
+    if "hidden_size" in values:
+        values.setdefault("num_attention_heads", max(1, values["hidden_size"] // 64))
+        values.setdefault("intermediate_size", values["hidden_size"] * 11 // 4)
+    if "num_attention_heads" in values:
+        values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    spec = TinySpec(**values)
+    if spec.hidden_size % spec.num_attention_heads or spec.hidden_size // spec.num_attention_heads != 64:
+        raise ValueError(f"model.path {ref!r}: head size is hidden / heads = {spec.hidden_size / spec.num_attention_heads:g}; "
+                         "vLLM's CPU attention needs 64 (give hidden as a multiple of 64)")
+    return spec
+
+
 _WORDS = (
     "the a an of to and in is it that for on with as was at by be this are from or have not but what all were "
     "when we there can your which their if do will each about how up out them then she many some so these would "
