@@ -31,10 +31,17 @@ class EngineInputError(UserError, ValueError):
     """Sequences handed to score() that the engine cannot take."""
 
 
-def engine_env(engine: EngineConfig) -> dict[str, str]:
-    """Environment variables an engine process needs (vLLM reads them at import)."""
+def engine_env(engine: EngineConfig, on_engine_node: bool = False) -> dict[str, str]:
+    """Environment variables an engine process needs (vLLM reads them at import).
+
+    ``on_engine_node``: called in the engine's own process, where ``cpu_threads_bind: all`` can be
+    resolved to this machine's cores (the driver may run on a machine with other cores).
+    """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+    bind = engine.cpu_threads_bind
+    if not engine.use_gpu and bind != "auto" and (bind != "all" or on_engine_node):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0)))) if bind == "all" else bind
     return env
 
 
@@ -87,7 +94,7 @@ class LocalEngine:
 
     def __init__(self, model_path: str, engine: dict | EngineConfig):
         engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine)
-        for key, value in engine_env(engine).items():
+        for key, value in engine_env(engine, on_engine_node=True).items():
             os.environ.setdefault(key, value)
         from vllm import LLM
 

@@ -150,3 +150,20 @@ def test_rationales_with_no_shots_sends_the_bare_question():
     rows = process_rows(Recorder(), [{"row": 0, "data": {"input_text": "What is 1 + 1?"}}], cfg, chat=True)
     assert seen == [[{"role": "user", "content": "What is 1 + 1?"}]]
     assert rows[0]["status"] == "ok" and rows[0]["data"]["label"] == "2"
+
+
+def test_engine_thread_binding_env():
+    """cpu_threads_bind reaches vLLM as VLLM_CPU_OMP_THREADS_BIND; 'all' resolves on the engine's node only."""
+    import os
+
+    from rayapp.config.base import EngineConfig
+    from rayapp.teachers.pool import engine_env
+
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(EngineConfig())  # auto: vLLM decides
+    assert engine_env(EngineConfig(cpu_threads_bind="0-3"))["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(EngineConfig(cpu_threads_bind="all"))  # the driver's cores may differ
+    here = engine_env(EngineConfig(cpu_threads_bind="all"), on_engine_node=True)["VLLM_CPU_OMP_THREADS_BIND"]
+    assert sorted(map(int, here.split(","))) == sorted(os.sched_getaffinity(0))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(EngineConfig(cpu_threads_bind="all", use_gpu=True), on_engine_node=True)
+    with pytest.raises(ValueError, match="cpu_threads_bind"):
+        EngineConfig(cpu_threads_bind="cores 0 to 3")
