@@ -32,6 +32,7 @@ class TeacherConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=512), description="vLLM engines of the teacher (step_by_step rationales, logits).")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=128), description="Sampling of teacher rationales / responses.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales.")
+    chat: Literal["auto", "always", "never"] = Field("auto", description="Send questions to the teacher as a user message through its chat template ('auto': when the teacher has one), as kind: batch does.")
 
 
 class StepByStepConfig(StrictModel):

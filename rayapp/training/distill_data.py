@@ -115,8 +115,7 @@ def rationale_prompt(cfg, model_dir: str):
     from rayapp.training.distill_teacher import _has_chat_template, rationale_template
 
     template = rationale_template(cfg)
-    r = cfg.teacher.rationales
-    chat = r.chat == "always" or (r.chat == "auto" and _has_chat_template(model_dir))
+    chat = cfg.teacher.chat == "always" or (cfg.teacher.chat == "auto" and _has_chat_template(model_dir))
     return lambda x: template.render(x, chat)
 
 

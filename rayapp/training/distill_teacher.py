@@ -78,7 +78,7 @@ def teacher_rationales(cfg, inputs: list[dict], out: Path, source: str) -> tuple
             f"{source}: {len(inputs)} row(s) need a teacher label or rationale but teacher.path is not set; "
             "set teacher.path, or give teacher.outputs a teacher-output file (kind: batch, task: rationales)"
         )
-    chat = r.chat == "always" or (r.chat == "auto" and _has_chat_template(teacher_dir))
+    chat = cfg.teacher.chat == "always" or (cfg.teacher.chat == "auto" and _has_chat_template(teacher_dir))
     with teacher_pool(cfg) as pool:
         rows, stats = generate_rationales(pool, inputs, template, cfg.teacher.sampling, r.self_consistency_n,
                                           r.gold_filter, chat, teacher_model=cfg.teacher.path)

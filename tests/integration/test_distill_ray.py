@@ -12,7 +12,7 @@ import pytest
 
 from rayapp.config import load_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration]  # ~6-9 min on 2 cores; part of make test
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.eval_every=4", "train.checkpoint_every=8", "evaluation.max_examples=8", "evaluation.max_new_tokens=16",
         "teacher.engine.max_model_len=128", "teacher.engine.cpus_per_engine=1"]
