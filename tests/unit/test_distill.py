@@ -262,3 +262,15 @@ def test_score_answers_uses_the_task_matcher(tmp_path):
     p = tmp_path / "val.jsonl"
     p.write_text('{"input_text": "What is 1 + 2?", "output_text": "1 + 2 = 3. So the answer is 3."}\n')
     assert load_eval_rows(p, task_type="number") == [{"input_text": "What is 1 + 2?", "label": "3"}]
+
+
+@pytest.mark.parametrize("chat, expect_messages", [("auto", True), ("always", True), ("never", False)])
+def test_teacher_prompts_follow_teacher_chat(tiny_model_dir, chat, expect_messages):
+    """teacher.chat decides whether rationale prompts go through the teacher's chat template
+    (the tiny model has one, so 'auto' uses it)."""
+    from rayapp.training.distill_data import rationale_prompt
+
+    cfg = load_job_dict(_job(teacher={"path": "tiny", "chat": chat}))
+    prompt = rationale_prompt(cfg, str(tiny_model_dir))("What is 2 + 3?")
+    assert isinstance(prompt, list) == expect_messages
+    assert "What is 2 + 3?" in (prompt[-1]["content"] if expect_messages else prompt)
