@@ -53,6 +53,40 @@ def prepare_for_ray(model, strategy: str):
     return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
 
 
+def fit_in_worker(cfg, model, *, train_items, val_items, collate, count_fn, loss_fn, device, unit: str = "tok",
+                  initial_eval: bool = False, after_step=None, extra_modules=None):
+    """The training part every Ray Train recipe shares: AdamW over the trainable parameters (peak
+    learning rate and weight decay from ``cfg.train``), Ray Train checkpoints and reports, metrics
+    in output_dir/metrics.jsonl, then the shared loop :func:`rayapp.training.loop.fit`.
+
+    ``initial_eval``: write output_dir/initial_eval.json with the validation metrics before the
+    first step (not on resume), for before/after comparisons. ``after_step()`` runs after every
+    optimizer step (an EMA teacher update); ``extra_modules`` are checkpointed with the model.
+    """
+    import torch
+
+    from rayapp.training.launch import RayReporter
+    from rayapp.training.loop import evaluate, fit
+
+    mb = cfg.train.micro_batch_size
+    reporter = RayReporter()
+    if initial_eval and val_items and reporter.latest_checkpoint() is None:
+        before = evaluate(model, val_items, collate, count_fn, loss_fn, mb, device)  # every rank takes part
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            write_json_atomic(Path(cfg.output_dir) / "initial_eval.json", before)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.peak_lr, weight_decay=cfg.train.weight_decay
+    )
+    if after_step is not None:
+        optimizer.register_step_post_hook(lambda *_: after_step())
+    return fit(
+        model=model, optimizer=optimizer, train_items=train_items, val_items=val_items, collate=collate,
+        count_fn=count_fn, loss_fn=loss_fn, cfg=cfg.train, micro_batch_size=mb, reporter=reporter,
+        metrics_path=Path(cfg.output_dir) / "metrics.jsonl", name=cfg.name, unit=unit, device=device,
+        extra_modules=extra_modules,
+    )
+
+
 def export_model(model, tokenizer, cfg, rank: int) -> dict[str, str]:
     """Write model/ (and adapter/ for LoRA) from the trained model; rank 0 writes, every rank calls."""
     import torch

@@ -24,6 +24,7 @@ from pathlib import Path
 from rayapp.training.common import (
     check_result,
     export_model,
+    fit_in_worker,
     maybe_deploy,
     prepare_for_ray,
     prepare_output,
@@ -46,15 +47,13 @@ def validate(cfg) -> str:
 def distill_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
-    import torch
 
     from rayapp.algorithms.features import FeatureProjector
     from rayapp.config.loader import load_job_dict
     from rayapp.models.io import load_causal_lm, load_tokenizer
     from rayapp.training import distill_losses as L
     from rayapp.training.common import build_model
-    from rayapp.training.launch import RayReporter, worker_setup
-    from rayapp.training.loop import fit
+    from rayapp.training.launch import worker_setup
 
     cfg = load_job_dict(config["job"])
     env = worker_setup(cfg.resources.cpus_per_worker)
@@ -86,28 +85,14 @@ def distill_worker(config: dict) -> None:
             loss_fn = L.logits_loss(cfg.logits)
         else:
             loss_fn = L.self_loss(cfg.self_, teacher)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.peak_lr, weight_decay=cfg.train.weight_decay)
-    if method == "self" and cfg.self_.teacher == "ema":
+    ema = method == "self" and cfg.self_.teacher == "ema"
+    if ema:
         inner = model.module if hasattr(model, "module") else model
-        optimizer.register_step_post_hook(lambda *_: L.ema_update(teacher, inner, cfg.self_.ema_decay))
     pad_id = tokenizer.pad_token_id
-    fit(
-        model=model,
-        optimizer=optimizer,
-        train_items=train_items,
-        val_items=val_items,
-        collate=lambda items: L.collate_distill(items, pad_id),
-        count_fn=L.count_supervised,
-        loss_fn=loss_fn,
-        cfg=cfg.train,
-        micro_batch_size=cfg.train.micro_batch_size,
-        reporter=RayReporter(),
-        metrics_path=Path(cfg.output_dir) / "metrics.jsonl",
-        name=cfg.name,
-        device=env["device"],
-        extra_modules={"ema_teacher": teacher} if method == "self" and cfg.self_.teacher == "ema" else None,
-    )
+    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=lambda items: L.collate_distill(items, pad_id),
+                  count_fn=L.count_supervised, loss_fn=loss_fn, device=env["device"],
+                  after_step=(lambda: L.ema_update(teacher, inner, cfg.self_.ema_decay)) if ema else None,
+                  extra_modules={"ema_teacher": teacher} if ema else None)
     export_model(student if method in ("features", "relations") else model, tokenizer, cfg, env["rank"])
 
 

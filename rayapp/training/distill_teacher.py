@@ -1,6 +1,6 @@
 """Teacher output for distillation, computed on the driver before training and cached as files
-in ``output_dir/teacher/`` (teacher output is data: a re-run with the same teacher, template,
-sampling and inputs reads the files instead of starting an engine).
+in ``output_dir/teacher/`` (teacher output is data: a re-run with the same teacher weights,
+template, sampling and inputs reads the files instead of starting an engine).
 
 * ``teacher_rationales``: (label, rationale) per input row for step_by_step, through
   ``rayapp.teachers.rationales.generate_rationales`` on a :class:`VLLMEnginePool`.
@@ -25,6 +25,16 @@ class TeacherDataError(UserError, ValueError):
 def fingerprint(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_stamp(model_dir: str | None) -> list | None:
+    """What identifies a teacher's weights without reading them: the path, and each weight and config
+    file's name, size and modification time. A teacher retrained into the same directory gets a
+    new stamp, so its cached output is not reused."""
+    if model_dir is None:
+        return None
+    files = sorted(f for pattern in ("*.safetensors", "config.json", "tokenizer*.json") for f in Path(model_dir).glob(pattern))
+    return [str(model_dir)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _cached(path: Path, key: str) -> list | None:
@@ -66,7 +76,7 @@ def teacher_rationales(cfg, inputs: list[dict], out: Path, source: str) -> tuple
     template = rationale_template(cfg)
     r = cfg.teacher.rationales
     teacher_dir = str(resolve_model(cfg.teacher.path)) if cfg.teacher.path else None
-    key = fingerprint(teacher_dir, template.label, cfg.teacher.sampling.model_dump(), r.model_dump(), inputs)
+    key = fingerprint(model_stamp(teacher_dir), template.label, cfg.teacher.chat, cfg.teacher.sampling.model_dump(), r.model_dump(), inputs)
     path = out / "teacher" / "rationales.jsonl"
     rows = _cached(path, key)
     if rows is not None:
@@ -96,7 +106,7 @@ def teacher_responses(cfg, prompts: list[str], out: Path) -> list[str]:
     """Teacher-written responses to ``prompts`` (user turns); cached in out/teacher/responses.jsonl."""
     from rayapp.models.io import resolve_model
 
-    key = fingerprint(str(resolve_model(cfg.teacher.path)), cfg.teacher.sampling.model_dump(), prompts)
+    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path))), cfg.teacher.sampling.model_dump(), prompts)
     path = out / "teacher" / "responses.jsonl"
     rows = _cached(path, key)
     if rows is None:
@@ -126,7 +136,7 @@ def teacher_topk(cfg, sequences: list[list[int]], out: Path, pool=None, tag: str
     from rayapp.models.io import resolve_model
 
     k = cfg.logits.top_k
-    key = fingerprint(str(resolve_model(cfg.teacher.path)), k, sequences)
+    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path))), k, sequences)
     path = out / "teacher" / f"{tag}.jsonl"
     rows = _cached(path, key)
     if rows is not None:

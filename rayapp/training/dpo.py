@@ -14,12 +14,12 @@ With LoRA the reference is the base with the adapters disabled (no copy of the w
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rayapp.training.common import (
     build_model,
     check_result,
     export_model,
+    fit_in_worker,
     maybe_deploy,
     prepare_for_ray,
     prepare_output,
@@ -119,8 +119,7 @@ def dpo_worker(config: dict) -> None:
 
     from rayapp.config.loader import load_job_dict
     from rayapp.models.io import load_tokenizer
-    from rayapp.training.launch import RayReporter, worker_setup
-    from rayapp.training.loop import evaluate, fit
+    from rayapp.training.launch import worker_setup
 
     cfg = load_job_dict(config["job"])
     env = worker_setup(cfg.resources.cpus_per_worker)
@@ -147,30 +146,8 @@ def dpo_worker(config: dict) -> None:
     else:
         loss_fn = make_dpo_loss(cfg.beta, cfg.label_smoothing, _reference_fn(cfg, config, model, device))
 
-    reporter = RayReporter()
-    if val_items and reporter.latest_checkpoint() is None:
-        before = evaluate(model, val_items, collate, count_pairs, loss_fn, mb, device)
-        if env["rank"] == 0:
-            write_json_atomic(Path(cfg.output_dir) / "initial_eval.json", before)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.peak_lr, weight_decay=cfg.train.weight_decay
-    )
-    fit(
-        model=model,
-        optimizer=optimizer,
-        train_items=train_items,
-        val_items=val_items,
-        collate=collate,
-        count_fn=count_pairs,
-        loss_fn=loss_fn,
-        cfg=cfg.train,
-        micro_batch_size=mb,
-        reporter=reporter,
-        metrics_path=Path(cfg.output_dir) / "metrics.jsonl",
-        name=cfg.name,
-        unit="pairs",
-        device=device,
-    )
+    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=collate, count_fn=count_pairs,
+                  loss_fn=loss_fn, device=device, unit="pairs", initial_eval=True)
     export_model(model, tokenizer, cfg, env["rank"])
 
 

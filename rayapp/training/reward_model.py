@@ -13,7 +13,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rayapp.training.common import check_result, prepare_for_ray, prepare_output, write_json_atomic
+from rayapp.training.common import (
+    check_result,
+    fit_in_worker,
+    prepare_for_ray,
+    prepare_output,
+    write_json_atomic,
+)
 
 
 # -- preference pairs (shared with dpo.py) -------------------------------------------------------
@@ -114,8 +120,7 @@ def reward_model_worker(config: dict) -> None:
     from rayapp.config.loader import load_job_dict
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import load_reward_model, save_reward_model
-    from rayapp.training.launch import RayReporter, worker_setup
-    from rayapp.training.loop import evaluate, fit
+    from rayapp.training.launch import worker_setup
 
     cfg = load_job_dict(config["job"])
     env = worker_setup(cfg.resources.cpus_per_worker)
@@ -127,30 +132,8 @@ def reward_model_worker(config: dict) -> None:
     model = prepare_for_ray(model, cfg.resources.strategy)
     pad_id = tokenizer.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
-    reporter = RayReporter()
-    if val_items and reporter.latest_checkpoint() is None:
-        before = evaluate(model, val_items, collate, count_pairs, bt_loss, cfg.train.micro_batch_size, env["device"])
-        if env["rank"] == 0:
-            write_json_atomic(Path(cfg.output_dir) / "initial_eval.json", before)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.peak_lr, weight_decay=cfg.train.weight_decay
-    )
-    fit(
-        model=model,
-        optimizer=optimizer,
-        train_items=train_items,
-        val_items=val_items,
-        collate=collate,
-        count_fn=count_pairs,
-        loss_fn=bt_loss,
-        cfg=cfg.train,
-        micro_batch_size=cfg.train.micro_batch_size,
-        reporter=reporter,
-        metrics_path=Path(cfg.output_dir) / "metrics.jsonl",
-        name=cfg.name,
-        unit="pairs",
-        device=env["device"],
-    )
+    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=collate, count_fn=count_pairs,
+                  loss_fn=bt_loss, device=env["device"], unit="pairs", initial_eval=True)
     if env["rank"] == 0:
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         save_reward_model(inner.to("cpu"), tokenizer, Path(cfg.output_dir) / "model")

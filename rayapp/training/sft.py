@@ -8,12 +8,12 @@ only), export model/ (and adapter/), write eval.json and report.html, deploy if 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rayapp.training.common import (
     build_model,
     check_result,
     export_model,
+    fit_in_worker,
     maybe_deploy,
     prepare_for_ray,
     prepare_output,
@@ -57,13 +57,11 @@ def count_supervised(batch) -> int:
 def sft_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
-    import torch
 
     from rayapp.config.loader import load_job_dict
     from rayapp.data.collate import collate_sft
     from rayapp.models.io import load_tokenizer
-    from rayapp.training.launch import RayReporter, worker_setup
-    from rayapp.training.loop import fit
+    from rayapp.training.launch import worker_setup
 
     cfg = load_job_dict(config["job"])
     env = worker_setup(cfg.resources.cpus_per_worker)
@@ -71,25 +69,9 @@ def sft_worker(config: dict) -> None:
     val_items = ray.get(config["val"]) if config["val"] is not None else None
     tokenizer = load_tokenizer(config["model_dir"])
     model = prepare_for_ray(build_model(config["model_dir"], cfg), cfg.resources.strategy)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.peak_lr, weight_decay=cfg.train.weight_decay
-    )
     pad_id = tokenizer.pad_token_id
-    fit(
-        model=model,
-        optimizer=optimizer,
-        train_items=train_items,
-        val_items=val_items,
-        collate=lambda items: collate_sft(items, pad_id),
-        count_fn=count_supervised,
-        loss_fn=sft_loss,
-        cfg=cfg.train,
-        micro_batch_size=cfg.train.micro_batch_size,
-        reporter=RayReporter(),
-        metrics_path=Path(cfg.output_dir) / "metrics.jsonl",
-        name=cfg.name,
-        device=env["device"],
-    )
+    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=lambda items: collate_sft(items, pad_id),
+                  count_fn=count_supervised, loss_fn=sft_loss, device=env["device"])
     export_model(model, tokenizer, cfg, env["rank"])
 
 

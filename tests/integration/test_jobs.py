@@ -250,7 +250,7 @@ def test_broken_config_fails_with_validation_message(ray_head, tmp_path):
     project = tmp_path / "project"  # a project holding only the broken job file; rayapp is installed
     project.mkdir()
     bad = project / "broken.yaml"
-    bad.write_text((ROOT / "jobs/sft_tiny.yaml").read_text().replace("epochs: 2", "epochs: -2"))
+    bad.write_text((ROOT / "jobs/sft_tiny.yaml").read_text().replace("epochs: 10", "epochs: -10"))
     # Checked here first: refused before anything is sent.
     local = rayapp("submit", str(bad), "--working-dir", str(project), "--address", ray_head.address)
     assert local.returncode == 2 and "train.epochs" in local.stderr, local.stderr

@@ -274,3 +274,19 @@ def test_teacher_prompts_follow_teacher_chat(tiny_model_dir, chat, expect_messag
     prompt = rationale_prompt(cfg, str(tiny_model_dir))("What is 2 + 3?")
     assert isinstance(prompt, list) == expect_messages
     assert "What is 2 + 3?" in (prompt[-1]["content"] if expect_messages else prompt)
+
+
+def test_teacher_cache_key_changes_when_the_teacher_is_retrained_in_place(tmp_path):
+    """A teacher re-trained into the same directory must not reuse the old teacher's cached output."""
+    import os
+
+    from rayapp.training.distill_teacher import fingerprint, model_stamp
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    before = fingerprint(model_stamp(str(tmp_path)), "template", ["What is 1 + 2?"])
+    assert fingerprint(model_stamp(str(tmp_path)), "template", ["What is 1 + 2?"]) == before
+    weights.write_bytes(b"new weights")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert fingerprint(model_stamp(str(tmp_path)), "template", ["What is 1 + 2?"]) != before
