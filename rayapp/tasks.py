@@ -18,8 +18,8 @@ from pathlib import Path
 
 from rayapp.data.readers import write_jsonl_atomic
 from rayapp.errors import UserError
+from rayapp.teachers.templates import ANSWER_MARKER
 
-ANSWER_MARKER = "So the answer is"
 _TERM = re.compile(r"\s*([+-])\s*(\d+)")
 
 

@@ -8,6 +8,12 @@ The student is trained on two tasks built from one teacher-annotated example (x,
 
 and at inference only the label task is asked, so rationales cost nothing at serving time.
 
+Departure (an option, on by default in the config): the rationale target may end with the label,
+"explain: " + x -> r + " So the answer is " + y + "." (the teacher's whole chain of thought, as
+in Li et al. 2022's multi-task CoT), where the reference code's target is r alone. On the
+chain_sum benchmark (bench/distill_quality.py) the label task's held-out accuracy is higher with
+it, and the rationale asked for at inference then ends in an answer that can be checked.
+
 The paper writes L = L_label + lambda * L_rationale. We use alpha * L_label + (1 - alpha) *
 L_rationale as the reference code does (google-research/distilling-step-by-step,
 ``TaskPrefixTrainer.compute_loss``); with rationale_weight := 1 - alpha, rationale_weight = 0
@@ -27,16 +33,23 @@ RATIONALE_TASK = "explain"
 
 def two_task_examples(input_text: str, label: str, rationale: str | None,
                       predict_prefix: str = "predict: ",
-                      explain_prefix: str = "explain: ") -> list[tuple[str, str, str]]:
+                      explain_prefix: str = "explain: ",
+                      answer_marker: str | None = None) -> list[tuple[str, str, str]]:
     """[(task, prompt, target)]: the label example, then the rationale example when there is a
-    non-empty rationale (a row without one still trains the label task).
+    non-empty rationale (a row without one still trains the label task). With ``answer_marker``
+    the rationale target ends with "<marker> <label>." (see the module docstring).
 
     >>> two_task_examples("2+2?", "4", "2 plus 2 is 4")
     [('predict', 'predict: 2+2?', '4'), ('explain', 'explain: 2+2?', '2 plus 2 is 4')]
+    >>> two_task_examples("2+2?", "4", "2 plus 2 is 4.", answer_marker="So the answer is")[1]
+    ('explain', 'explain: 2+2?', '2 plus 2 is 4. So the answer is 4.')
     """
     out = [(LABEL_TASK, predict_prefix + input_text, label)]
     if rationale is not None and rationale.strip():
-        out.append((RATIONALE_TASK, explain_prefix + input_text, rationale))
+        target = rationale.strip()
+        if answer_marker:
+            target = f"{target} {answer_marker} {label}."
+        out.append((RATIONALE_TASK, explain_prefix + input_text, target))
     return out
 
 

@@ -39,6 +39,11 @@ class StepByStepConfig(StrictModel):
     rationale_weight: float = Field(0.5, ge=0, le=1, description="1 - alpha in alpha * L_label + (1 - alpha) * L_rationale; 0 is standard fine-tuning on the same labels.")
     predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the one asked at inference).")
     explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    explain_target: Literal["rationale_and_label", "rationale"] = Field(
+        "rationale_and_label",
+        description="Target of the rationale task: 'rationale_and_label' is the rationale then 'So the answer is <label>.' "
+                    "(the teacher's whole chain of thought; higher label accuracy in bench/distill_quality.py); "
+                    "'rationale' is the rationale alone, as in the paper's reference code.")
 
 
 class LogitsConfig(StrictModel):

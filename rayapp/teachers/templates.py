@@ -19,6 +19,7 @@ import string
 from dataclasses import asdict, dataclass, field
 
 TASK_TYPES = ("free", "choice", "yesno", "number")
+ANSWER_MARKER = "So the answer is"  # ends every worked answer: few-shot answers, tuning targets, explain targets
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class PromptTemplate:
     task_type: str
     system: str
     shots: tuple[FewShot, ...] = field(default_factory=tuple)
-    answer_prefix: str = "So the answer is"
+    answer_prefix: str = ANSWER_MARKER
 
     def answer_line(self, shot: FewShot) -> str:
         return f"{shot.rationale} {self.answer_prefix} {shot.answer}."
@@ -75,7 +76,7 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
     "number": PromptTemplate(
         "cot_number",
         "number",
-        _SYSTEM.format(prefix="So the answer is") + " The answer is a number.",
+        _SYSTEM.format(prefix=ANSWER_MARKER) + " The answer is a number.",
         (
             FewShot(
                 "Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left?",
@@ -92,7 +93,7 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
     "choice": PromptTemplate(
         "cot_choice",
         "choice",
-        _SYSTEM.format(prefix="So the answer is") + " The answer is one option letter.",
+        _SYSTEM.format(prefix=ANSWER_MARKER) + " The answer is one option letter.",
         (
             FewShot(
                 "Where would you put a plate after washing it?\nOptions: (A) oven (B) cupboard (C) table (D) floor (E) sink",
@@ -109,7 +110,7 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
     "yesno": PromptTemplate(
         "cot_yesno",
         "yesno",
-        _SYSTEM.format(prefix="So the answer is") + " The answer is yes or no.",
+        _SYSTEM.format(prefix=ANSWER_MARKER) + " The answer is yes or no.",
         (
             FewShot("Is 15 an even number?", "Even numbers are divisible by 2. 15 / 2 = 7.5, so 15 is odd.", "no"),
             FewShot("Can a fish live in water?", "Fish breathe through gills that take oxygen from water.", "yes"),
@@ -118,7 +119,7 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
     "free": PromptTemplate(
         "cot_free",
         "free",
-        _SYSTEM.format(prefix="So the answer is") + " Keep the answer short.",
+        _SYSTEM.format(prefix=ANSWER_MARKER) + " Keep the answer short.",
         (
             FewShot("What is the capital of France?", "France is a country in Europe whose capital city is Paris.", "Paris"),
             FewShot("What color do you get by mixing blue and yellow?", "Mixing the primary colors blue and yellow gives green.", "green"),

@@ -167,6 +167,7 @@ def _step_by_step_rows(cfg, out: Path, dry: bool, notes: list[str]) -> tuple[lis
 def _step_by_step(cfg, tokenizer, out: Path, dry: bool) -> DistillData:
     from rayapp.algorithms.step_by_step import RATIONALE_TASK, two_task_examples
     from rayapp.data.loaders import load_distill_inputs, split_indices
+    from rayapp.teachers.templates import ANSWER_MARKER
     from rayapp.training.distill_losses import DistillItem
 
     s = cfg.step_by_step
@@ -185,9 +186,10 @@ def _step_by_step(cfg, tokenizer, out: Path, dry: bool) -> DistillData:
     def make(enc, tag):
         return DistillItem(enc.input_ids, enc.labels, is_rationale=tag == RATIONALE_TASK)
 
+    marker = ANSWER_MARKER if s.explain_target == "rationale_and_label" else None
     triples = [(prompt, target, task) for r in rows
                for task, prompt, target in two_task_examples(r["input_text"], r["label"], r["rationale"] if s.rationale_weight > 0 else None,
-                                                           s.predict_prefix, s.explain_prefix)]
+                                                           s.predict_prefix, s.explain_prefix, marker)]
     train, enc_stats = _encode_all(cfg, tokenizer, triples, str(cfg.data.train), make)
     stats["train_encoded"] = enc_stats
     val = None

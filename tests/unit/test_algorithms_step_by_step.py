@@ -20,6 +20,13 @@ def test_two_task_examples_custom_prefixes_and_no_rationale():
     assert two_task_examples("q", "a", "  ") == [("predict", "predict: q", "a")]
 
 
+def test_two_task_examples_rationale_target_can_end_with_the_label():
+    ex = two_task_examples("4 - 1 - 7 =", "-4", " 4 - 1 = 3. 3 - 7 = -4. ", answer_marker="So the answer is")
+    assert ex == [("predict", "predict: 4 - 1 - 7 =", "-4"),
+                  ("explain", "explain: 4 - 1 - 7 =", "4 - 1 = 3. 3 - 7 = -4. So the answer is -4.")]
+    assert two_task_examples("q", "a", None, answer_marker="So the answer is") == [("predict", "predict: q", "a")]
+
+
 def test_two_task_loss_weights():
     lab, rat = torch.tensor(2.0), torch.tensor(4.0)
     # 0.25 * 2 + 0.75 * 4 = 0.5 + 3 = 3.5

@@ -66,7 +66,10 @@ def test_two_task_batch_construction(tmp_path, tiny_tokenizer):
     target = tiny_tokenizer.decode([t for t in label_item.labels if t != -100])
     assert target.startswith("30") and "predict" not in target
     rationale = tiny_tokenizer.decode([t for t in rationale_item.labels if t != -100])
-    assert rationale.startswith("10 + 20 = 30.")
+    assert rationale.startswith("10 + 20 = 30.") and "So the answer is 30." in rationale  # explain_target: rationale_and_label
+    paper = load_job_dict(_job(teacher={"outputs": str(_teacher_file(tmp_path))}, step_by_step={"explain_target": "rationale"}))
+    paper_item = build_data(paper, tiny_tokenizer, tmp_path / "o").train[1]
+    assert "So the answer is" not in tiny_tokenizer.decode([t for t in paper_item.labels if t != -100])
     n_label = sum(sum(1 for t in it.labels if t != -100) for it in data.train if not it.is_rationale)
     n_all = sum(sum(1 for t in it.labels if t != -100) for it in data.train)
     assert data.p_label == pytest.approx(n_label / n_all) and data.p_rationale == pytest.approx(1 - n_label / n_all)
