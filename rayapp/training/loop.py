@@ -33,6 +33,8 @@ import torch.distributed as dist
 
 from rayapp.config.base import TrainConfig
 
+PROGRESS_EVERY_S = 2.0  # seconds between progress lines
+
 
 @dataclass
 class LossParts:
@@ -180,7 +182,7 @@ def fit(
 
     torch.manual_seed(cfg.seed + 1000 * rank + start_step)
     last_metrics: dict = {}
-    t_start = time.perf_counter()
+    t_start = last_print = time.perf_counter()
     tokens_seen = 0
     for step in range(start_step, total):
         t0 = time.perf_counter()
@@ -229,7 +231,12 @@ def fit(
             if metrics_path and ((step + 1) % cfg.log_every == 0 or done or "val_loss" in metrics):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-            _progress(name, unit, step + 1, total, metrics, time.perf_counter() - t_start, step + 1 - start_step)
+            now = time.perf_counter()
+            # One line every PROGRESS_EVERY_S (and the first, the last and every evaluation): readable
+            # in a terminal and in Ray job logs alike; metrics.jsonl keeps every step.
+            if step == start_step or done or "val_loss" in metrics or now - last_print >= PROGRESS_EVERY_S:
+                _progress(name, unit, step + 1, total, metrics, now - t_start, step + 1 - start_step)
+                last_print = now
         if (step + 1) % cfg.checkpoint_every == 0 or done:
             # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
             # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.

@@ -154,3 +154,19 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert f(10) == pytest.approx(1.0)
     assert f(99) == pytest.approx(0.1, abs=1e-3)
     assert total_steps_for(TrainConfig(epochs=2, global_batch_size=16), 100) == 13
+
+
+def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, tmp_path, capfd, monkeypatch):
+    """A long job prints the first and last step (and evaluations), not one line per step; metrics.jsonl has them all."""
+    import rayapp.training.loop as loop
+
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)
+    items = _examples(16, 200)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3, max_steps=6, warmup_ratio=0, checkpoint_every=100)
+    model = fresh_model()
+    fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), train_items=items, val_items=None, collate=_collate,
+        count_fn=count_supervised, loss_fn=sft_loss, cfg=cfg, micro_batch_size=8, reporter=LocalReporter(),
+        metrics_path=tmp_path / "metrics.jsonl", name="quiet")
+    lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[quiet]")]
+    assert [x.split()[1] for x in lines] == ["1/6", "6/6"], lines
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
