@@ -36,6 +36,7 @@ def ensure_ray(namespace: str = "rayapp"):
         ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     else:
         num_cpus = int(os.environ.get("RAYAPP_LOCAL_CPUS", max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1)))
+        runtime_env = {**runtime_env, "worker_process_setup_hook": "rayapp.runtime.quiet_local_worker"}
         ray.init(
             # "local": always a fresh in-process cluster; plain None would attach to any cluster
             # that `ray start` left running on this machine.
@@ -49,6 +50,15 @@ def ensure_ray(namespace: str = "rayapp"):
             logging_level=logging.WARNING,
         )
     return ray
+
+
+def quiet_local_worker() -> None:
+    """Runs in every worker process of the embedded cluster. It has no dashboard, so no State API:
+    Ray Train's placement-group cleaner (which asks that API whether the controller is alive,
+    every second) would log "Failed to query Ray Train Controller actor state" for the whole job.
+    The cleaner only matters when a controller dies and the cluster lives on; the embedded
+    cluster ends with the job."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job") -> None:

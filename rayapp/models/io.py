@@ -43,13 +43,14 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def resolve_model(ref: str) -> Path:
-    """Turn a model reference into a local directory, building or converting built-in models once."""
+def resolve_model(ref: str, field: str = "model.path") -> Path:
+    """Turn a model reference into a local directory, building or converting built-in models once.
+    ``field`` names the config field the reference came from, for error messages."""
     if ref == "tiny" or ref.startswith("tiny:"):
         try:
             spec = parse_tiny_ref(ref)
         except ValueError as e:
-            raise ModelError(str(e)) from None
+            raise ModelError(str(e).replace("model.path", field, 1)) from None
         out = cache_dir() / "models" / f"tiny-{spec.key()}"
         with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
             if not (out / "config.json").exists():
@@ -64,14 +65,14 @@ def resolve_model(ref: str) -> Path:
     path = Path(ref).expanduser()
     if not path.exists():
         raise ModelError(
-            f"model.path '{ref}': no such directory, and not a built-in model ({', '.join(BUILTIN_NAMES)}); "
+            f"{field} '{ref}': no such directory, and not a built-in model ({', '.join(BUILTIN_NAMES)}); "
             "nothing is downloaded, so give a local Hugging Face directory"
         )
     if not (path / "config.json").exists():
-        raise ModelError(f"model.path '{ref}': {path} has no config.json; is it a Hugging Face model directory?")
+        raise ModelError(f"{field} '{ref}': {path} has no config.json; is it a Hugging Face model directory?")
     if not any(path.glob("*.safetensors")):
         raise ModelError(
-            f"model.path '{ref}': {path} has no *.safetensors weights; rayapp loads safetensors only "
+            f"{field} '{ref}': {path} has no *.safetensors weights; rayapp loads safetensors only "
             "(convert .bin weights with `model.save_pretrained(dir, safe_serialization=True)`)"
         )
     return path.resolve()  # absolute: Ray workers run in other working directories

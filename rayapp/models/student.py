@@ -98,5 +98,5 @@ def build_student(cfg, out: Path) -> Path:
     if cfg.student.init == "from_model":
         return resolve_model(cfg.model.path)
     target = out / "student_init"
-    teacher_dir = resolve_model(cfg.teacher.path)
+    teacher_dir = resolve_model(cfg.teacher.path, "teacher.path")
     return from_teacher_layers(teacher_dir, target, cfg.student.keep_every, cfg.student.layers, cfg.model.dtype)

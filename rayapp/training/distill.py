@@ -39,7 +39,9 @@ def validate(cfg) -> str:
     """Config and data checks without training or starting a teacher engine."""
     from rayapp.models.io import load_tokenizer, resolve_model
 
-    model_dir = resolve_model(cfg.model.path) if cfg.student.init == "from_model" else resolve_model(cfg.teacher.path)
+    model_dir = resolve_model(cfg.model.path) if cfg.student.init == "from_model" else resolve_model(cfg.teacher.path, "teacher.path")
+    if cfg.teacher.path and not (cfg.method == "step_by_step" and cfg.teacher.outputs):
+        resolve_model(cfg.teacher.path, "teacher.path")  # a missing teacher fails here, not after minutes of `rayapp run`
     data = build_data(cfg, load_tokenizer(str(model_dir), cfg.model.trust_remote_code), Path(cfg.output_dir), dry=True)
     return data.describe()
 
@@ -197,7 +199,7 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     student_dir = build_student(cfg, out)
-    teacher_dir = str(resolve_model(cfg.teacher.path)) if cfg.teacher.path else None
+    teacher_dir = str(resolve_model(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else None
     if cfg.method == "self" and teacher_dir is None:
         teacher_dir = str(student_dir)  # a frozen copy of the student's starting point
     tokenizer = load_tokenizer(str(student_dir), cfg.model.trust_remote_code)

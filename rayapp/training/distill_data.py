@@ -53,7 +53,9 @@ class DistillData:
             lines.append(f"answer-accuracy rows: {len(self.eval)}")
         for split, s in self.stats.items():
             if isinstance(s, dict) and "rows" in s:
-                lines.append(f"{split}: " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list))))
+                counted = s.get("token_lengths") is not None  # raw input files are read, not tokenized
+                lines.append(f"{split}: " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list))
+                                                      and (counted or k not in ("total_tokens", "supervised_tokens", "token_lengths"))))
         return "\n".join(lines + self.notes)
 
     def report_sections(self, answers: dict) -> list[tuple[str, str]]:

@@ -13,7 +13,8 @@ as sums over the same tokens:
   measured on the driver) before ``two_task_loss``. Divided by the global token count this is
   exactly alpha * mean_label + (1 - alpha) * mean_rationale when a batch holds the tasks in the
   data's proportion, and that in expectation otherwise. With rationale_weight 0 there are only
-  label examples and it is exactly the token-mean NLL. Validation (model.eval()) reports plain NLL.
+  label examples and it is exactly the token-mean NLL. Validation (model.eval()) reports plain NLL;
+  its rows are label-task rows (the task asked at inference), so val_loss is the label NLL.
 * logits, self: the KD divergence summed over response positions (+ ce_weight x NLL).
 * features: the per-token feature loss on the hidden states at the response positions (the
   positions that predict response tokens), averaged over layer pairs, + task NLL.
@@ -116,8 +117,8 @@ def step_by_step_loss(alpha: float, p_label: float, p_rationale: float):
     def loss(model, batch):
         logits, _ = student_forward(model, batch)
         ls, ln, rs, rn = split_task_nll_sums(logits, batch["labels"], batch["is_rationale"])
-        if not model.training:  # validation: plain token-mean NLL and per-task sums
-            return LossParts(ls + rs, int(ln + rn), {"label_nll": ls.detach(), "rationale_nll": rs.detach()})
+        if not model.training:  # validation: plain token-mean NLL (held-out rows are label-task rows)
+            return LossParts(ls + rs, int(ln + rn), {})
         label_term = ls / p_label if p_label > 0 else ls
         rationale_term = rs / p_rationale if p_rationale > 0 else rs
         total = two_task_loss(label_term, rationale_term, alpha)

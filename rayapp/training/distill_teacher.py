@@ -75,7 +75,7 @@ def teacher_rationales(cfg, inputs: list[dict], out: Path, source: str) -> tuple
 
     template = rationale_template(cfg)
     r = cfg.teacher.rationales
-    teacher_dir = str(resolve_model(cfg.teacher.path)) if cfg.teacher.path else None
+    teacher_dir = str(resolve_model(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else None
     key = fingerprint(model_stamp(teacher_dir), template.label, cfg.teacher.chat, cfg.teacher.sampling.model_dump(), r.model_dump(), inputs)
     path = out / "teacher" / "rationales.jsonl"
     rows = _cached(path, key)
@@ -106,7 +106,7 @@ def teacher_responses(cfg, prompts: list[str], out: Path) -> list[str]:
     """Teacher-written responses to ``prompts`` (user turns); cached in out/teacher/responses.jsonl."""
     from rayapp.models.io import resolve_model
 
-    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path))), cfg.teacher.sampling.model_dump(), prompts)
+    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path, "teacher.path"))), cfg.teacher.sampling.model_dump(), prompts)
     path = out / "teacher" / "responses.jsonl"
     rows = _cached(path, key)
     if rows is None:
@@ -136,7 +136,7 @@ def teacher_topk(cfg, sequences: list[list[int]], out: Path, pool=None, tag: str
     from rayapp.models.io import resolve_model
 
     k = cfg.logits.top_k
-    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path))), k, sequences)
+    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path, "teacher.path"))), k, sequences)
     path = out / "teacher" / f"{tag}.jsonl"
     rows = _cached(path, key)
     if rows is not None:

@@ -105,22 +105,22 @@ def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, 
     assert (out / "teacher" / "rationales.jsonl").stat().st_mtime_ns == stamp
 
 
-def test_logits_kd_from_vllm_top_k(ray_cluster, engine, tmp_path):
+def test_logits_kd_from_vllm_top_k(ray_cluster, tuned_teacher, engine, tmp_path):
     from rayapp.training.distill import run
 
     out = tmp_path / "logits"
-    run(load_job(ROOT / "jobs/distill_logits.yaml", [f"output_dir={out}", *FAST]))
+    run(load_job(ROOT / "jobs/distill_logits.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
     _assert_trained(out, "kd_loss")
     topk = [json.loads(x) for x in (out / "teacher" / "topk.jsonl").read_text().splitlines()]
     assert len(topk[0]["ids"][0]) == 20 and all(lp <= 0 for lp in topk[0]["logprobs"][0])
     _loads_in_vllm(engine, out / "model")
 
 
-def test_relations_and_born_again_self(ray_cluster, engine, tmp_path):
+def test_relations_and_born_again_self(ray_cluster, tuned_teacher, engine, tmp_path):
     from rayapp.training.distill import run
 
     out = tmp_path / "rel"
-    run(load_job(ROOT / "jobs/distill_relations.yaml", [f"output_dir={out}", *FAST]))
+    run(load_job(ROOT / "jobs/distill_relations.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
     _assert_trained(out, "relation_loss")
     _loads_in_vllm(engine, out / "model")
 
@@ -134,7 +134,7 @@ def test_relations_and_born_again_self(ray_cluster, engine, tmp_path):
     _loads_in_vllm(engine, out / "model")
 
 
-def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_model_dir, tmp_path):
+def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_model_dir, tuned_teacher, tmp_path):
     """Student width 64 vs teacher 128: the projector is a real Linear(64, 128); model/ loads in vLLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -149,7 +149,8 @@ def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     student = save_model_atomic(narrow, tok, tmp_path / "narrow")
     out = tmp_path / "feat"
-    run(load_job(ROOT / "jobs/distill_features.yaml", [f"output_dir={out}", f"model.path={student}", "student.init=from_model", *FAST]))
+    run(load_job(ROOT / "jobs/distill_features.yaml", [f"output_dir={out}", f"model.path={student}", "student.init=from_model",
+                                                       f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
     _assert_trained(out, "feature_loss")
     rows = _metrics(out)
     assert rows[-1]["feature_loss"] < rows[0]["feature_loss"], [r["feature_loss"] for r in rows]
