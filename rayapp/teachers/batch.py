@@ -200,11 +200,15 @@ def write_shard(out: Path, k: int, results: list[dict]) -> dict:
     results = sorted(results, key=lambda r: r["row"])
     ok = [r for r in results if r["status"] == "ok"]
     rejects = [{key: r.get(key) for key in ("row", "where", "reason", "detail")} for r in results if r["status"] != "ok"]
-    stats: dict[str, Any] = {"rows_in": len(results), "written": len(ok), "tokens": sum(r.get("tokens", 0) for r in ok)}
+    stats: dict[str, Any] = {"rows_in": len(results), "written": len(ok)}
+    if any("tokens" in r for r in ok):  # generated tokens (task: generate; rationale rows do not count them)
+        stats["tokens"] = sum(r.get("tokens", 0) for r in ok)
     for rej in rejects:
         stats[rej["reason"]] = stats.get(rej["reason"], 0) + 1
     gold = [r["data"]["gold_match"] for r in ok if r["data"].get("gold_match") is not None]
-    stats["gold_checked"], stats["gold_agree"] = len(gold), sum(gold)
+    # Checked against a gold label: rows kept (gold_match true, or false under gold_filter: flag) and
+    # rows dropped as gold_mismatch (gold_filter: drop).
+    stats["gold_checked"], stats["gold_agree"] = len(gold) + stats.get("gold_mismatch", 0), sum(gold)
     write_jsonl_atomic(shard_path(out, k, "rejects"), rejects)
     write_jsonl_atomic(shard_path(out, k, "stats"), [stats])
     write_jsonl_atomic(shard_path(out, k), [r["data"] for r in ok])  # last: marks the shard done

@@ -85,6 +85,17 @@ def test_shards_assemble_in_row_order(tmp_path):
     assert not list((out / "shards").glob(".*tmp*"))  # no temporary files left
 
 
+def test_shard_stats_count_dropped_gold_mismatches_as_checked(tmp_path):
+    """gold_filter: drop turns disagreements into rejects; they were still checked against gold."""
+    rows = [{"row": 0, "status": "ok", "data": {"label": "1", "gold_match": True}},
+            {"row": 1, "status": "reject", "reason": "gold_mismatch", "detail": "teacher said 2", "where": "f:2"},
+            {"row": 2, "status": "ok", "data": {"label": "5"}}]  # unlabeled: nothing to check
+    stats = write_shard(tmp_path / "out", 0, rows)
+    assert (stats["gold_checked"], stats["gold_agree"], stats["gold_mismatch"]) == (2, 1, 1)
+    assert "tokens" not in stats  # rationale rows carry no token counts; no fake 0
+    assert write_shard(tmp_path / "out", 1, [{"row": 3, "status": "ok", "data": {}, "tokens": 7}])["tokens"] == 7
+
+
 def test_manifest_refuses_to_mix_runs(tmp_path):
     _input(tmp_path, [json.dumps({"input_text": "a"})])
     cfg = _cfg(tmp_path)
