@@ -140,16 +140,8 @@ def teacher_label(teacher_dir: Path, rows: list[dict], work: Path) -> tuple[list
                     "rationales": {"task_type": "number", "system": "", "shots": [], "gold_filter": "off"}},
         "output_dir": str(work / "labels"),
     })
-    timing = work / "labels" / "seconds.json"
-    started = time.perf_counter()
-    out, stats = teacher_rationales(cfg, [{"input_text": r["input_text"]} for r in rows], work / "labels", "student pool")
-    seconds = round(time.perf_counter() - started, 1)
-    cache = work / "labels" / "teacher" / "rationales.jsonl"
-    if cache.stat().st_mtime < time.time() - seconds - 1 and timing.exists():  # reused: report the run that wrote it
-        seconds = json.loads(timing.read_text())["seconds"]
-    else:
-        timing.write_text(json.dumps({"seconds": seconds}))
-    return out, stats | {"seconds": seconds}
+    # stats["seconds"]: the generation that wrote the cache, also when this call reused it.
+    return teacher_rationales(cfg, [{"input_text": r["input_text"]} for r in rows], work / "labels", "student pool")
 
 
 # name -> (rationale_weight, explain_target, label in the table and plot)
@@ -264,6 +256,7 @@ def main() -> None:
 
     from rayapp.config.loader import load_job_dict
     from rayapp.evaluation import evaluate_answers
+    from rayapp.teachers.rationales import REJECT_REASONS
     from rayapp.teachers.templates import answers_match
 
     t0 = time.perf_counter()
@@ -285,14 +278,14 @@ def main() -> None:
         rows, stats = teacher_label(teacher_dir, pool, work)
         gold = {r["input_text"]: r["gold"] for r in pool}
         right = sum(answers_match(r["label"], gold[r["input_text"]], "number") for r in rows)
-        print(f"teacher labeled {len(rows)}/{len(pool)} pool questions through vLLM ({stats['seconds']}s); "
+        print(f"teacher labeled {len(rows)}/{len(pool)} pool questions through vLLM ({stats.get('seconds', '?')}s); "
               f"its label is right on {right}/{len(rows)} = {right / max(1, len(rows)):.3f}", flush=True)
         if len(rows) < max(args.sizes):
             raise SystemExit(f"the teacher labeled only {len(rows)} pool questions, {max(args.sizes)} needed; lower --sizes")
         teacher_info.update({"model": f"{args.teacher_model} tuned on {len(labeled)} worked answers", "steps": args.teacher_steps,
                              "train_seconds": train_s, "test_accuracy": t_acc["accuracy"], "test_samples": t_acc["samples"][:3],
                              "pool_labeled": len(rows), "pool_asked": len(pool), "pool_label_accuracy": right / len(rows),
-                             "label_seconds": stats["seconds"], "rejects": {k: v for k, v in stats.items() if k in ("unparsable", "empty_rationale", "prompt_too_long")}})
+                             "label_seconds": stats.get("seconds"), "rejects": {k: stats[k] for k in REJECT_REASONS}})
     else:
         rows = oracle_rows(make_rows(max(args.sizes), seed=777, exclude=used))
         teacher_info.update({"model": ORACLE["model"], "test_accuracy": 1.0, "pool_label_accuracy": 1.0})

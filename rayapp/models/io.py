@@ -50,7 +50,7 @@ def resolve_model(ref: str, field: str = "model.path") -> Path:
         try:
             spec = parse_tiny_ref(ref)
         except ValueError as e:
-            raise ModelError(str(e).replace("model.path", field, 1)) from None
+            raise ModelError(f"{field} {e}") from None
         out = cache_dir() / "models" / f"tiny-{spec.key()}"
         with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
             if not (out / "config.json").exists():

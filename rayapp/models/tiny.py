@@ -68,13 +68,13 @@ def parse_tiny_ref(ref: str) -> TinySpec:
         key, sep, raw = part.partition("=")
         name = _SPEC_ALIASES.get(key.strip(), key.strip())
         if not sep or name not in fields:
-            raise ValueError(f"model.path {ref!r}: {part!r} is not KEY=INT with KEY one of {', '.join(_SPEC_ALIASES)}")
+            raise ValueError(f"{ref!r}: {part!r} is not KEY=INT with KEY one of {', '.join(_SPEC_ALIASES)}")
         try:
             values[name] = int(raw)
         except ValueError:
-            raise ValueError(f"model.path {ref!r}: {key}={raw!r} is not an integer") from None
+            raise ValueError(f"{ref!r}: {key}={raw!r} is not an integer") from None
         if values[name] <= 0 and name != "seed":
-            raise ValueError(f"model.path {ref!r}: {key} must be positive")
+            raise ValueError(f"{ref!r}: {key} must be positive")
     if "hidden_size" in values:
         values.setdefault("num_attention_heads", max(1, values["hidden_size"] // 64))
         values.setdefault("intermediate_size", values["hidden_size"] * 11 // 4)
@@ -82,7 +82,7 @@ def parse_tiny_ref(ref: str) -> TinySpec:
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
     spec = TinySpec(**values)
     if spec.hidden_size % spec.num_attention_heads or spec.hidden_size // spec.num_attention_heads != 64:
-        raise ValueError(f"model.path {ref!r}: head size is hidden / heads = {spec.hidden_size / spec.num_attention_heads:g}; "
+        raise ValueError(f"{ref!r}: head size is hidden / heads = {spec.hidden_size / spec.num_attention_heads:g}; "
                          "vLLM's CPU attention needs 64 (give hidden as a multiple of 64)")
     return spec
 

@@ -31,6 +31,7 @@ from rayapp.training.common import (
     write_json_atomic,
 )
 from rayapp.training.distill_data import build_data, eval_rows, rationale_prompt
+from rayapp.training.distill_teacher import teacher_model_dir
 
 IN_WORKER_TEACHER = ("features", "relations", "self")
 
@@ -39,9 +40,8 @@ def validate(cfg) -> str:
     """Config and data checks without training or starting a teacher engine."""
     from rayapp.models.io import load_tokenizer, resolve_model
 
-    model_dir = resolve_model(cfg.model.path) if cfg.student.init == "from_model" else resolve_model(cfg.teacher.path, "teacher.path")
-    if cfg.teacher.path and not (cfg.method == "step_by_step" and cfg.teacher.outputs):
-        resolve_model(cfg.teacher.path, "teacher.path")  # a missing teacher fails here, not after minutes of `rayapp run`
+    teacher_dir = teacher_model_dir(cfg)  # a missing teacher fails here, as it would at `rayapp run`
+    model_dir = resolve_model(cfg.model.path) if cfg.student.init == "from_model" else teacher_dir
     data = build_data(cfg, load_tokenizer(str(model_dir), cfg.model.trust_remote_code), Path(cfg.output_dir), dry=True)
     return data.describe()
 
@@ -192,14 +192,14 @@ def _evaluate(cfg, data, out: Path, student_dir: Path, teacher_dir: str | None) 
 
 
 def run(cfg) -> dict:
-    from rayapp.models.io import load_tokenizer, resolve_model
+    from rayapp.models.io import load_tokenizer
     from rayapp.models.student import build_student
     from rayapp.training.report import write_report
 
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     student_dir = build_student(cfg, out)
-    teacher_dir = str(resolve_model(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else None
+    teacher_dir = teacher_model_dir(cfg)
     if cfg.method == "self" and teacher_dir is None:
         teacher_dir = str(student_dir)  # a frozen copy of the student's starting point
     tokenizer = load_tokenizer(str(student_dir), cfg.model.trust_remote_code)

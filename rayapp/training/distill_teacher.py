@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from rayapp.errors import UserError
@@ -35,6 +36,14 @@ def model_stamp(model_dir: str | None) -> list | None:
         return None
     files = sorted(f for pattern in ("*.safetensors", "config.json", "tokenizer*.json") for f in Path(model_dir).glob(pattern))
     return [str(model_dir)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def teacher_model_dir(cfg) -> str | None:
+    """teacher.path as a local directory (built-in models built once), or None when unset; a
+    missing directory raises an error naming teacher.path."""
+    from rayapp.models.io import resolve_model
+
+    return str(resolve_model(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else None
 
 
 def _cached(path: Path, key: str) -> list | None:
@@ -70,12 +79,11 @@ def rationale_template(cfg):
 
 def teacher_rationales(cfg, inputs: list[dict], out: Path, source: str) -> tuple[list[dict], dict]:
     """Teacher-output rows for ``inputs`` ({input_text, output_text?}); cached in out/teacher/rationales.jsonl."""
-    from rayapp.models.io import resolve_model
     from rayapp.teachers.rationales import generate_rationales
 
     template = rationale_template(cfg)
     r = cfg.teacher.rationales
-    teacher_dir = str(resolve_model(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else None
+    teacher_dir = teacher_model_dir(cfg)
     key = fingerprint(model_stamp(teacher_dir), template.label, cfg.teacher.chat, cfg.teacher.sampling.model_dump(), r.model_dump(), inputs)
     path = out / "teacher" / "rationales.jsonl"
     rows = _cached(path, key)
@@ -89,9 +97,11 @@ def teacher_rationales(cfg, inputs: list[dict], out: Path, source: str) -> tuple
             "set teacher.path, or give teacher.outputs a teacher-output file (kind: batch, task: rationales)"
         )
     chat = cfg.teacher.chat == "always" or (cfg.teacher.chat == "auto" and _has_chat_template(teacher_dir))
+    started = time.perf_counter()
     with teacher_pool(cfg) as pool:
         rows, stats = generate_rationales(pool, inputs, template, cfg.teacher.sampling, r.self_consistency_n,
                                           r.gold_filter, chat, teacher_model=cfg.teacher.path)
+    stats["seconds"] = round(time.perf_counter() - started, 1)  # engine start included; kept with the cache
     _store(path, key, rows, {"stats": stats, "source": source})
     return rows, stats
 
@@ -104,9 +114,7 @@ def _has_chat_template(model_dir: str) -> bool:
 
 def teacher_responses(cfg, prompts: list[str], out: Path) -> list[str]:
     """Teacher-written responses to ``prompts`` (user turns); cached in out/teacher/responses.jsonl."""
-    from rayapp.models.io import resolve_model
-
-    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path, "teacher.path"))), cfg.teacher.sampling.model_dump(), prompts)
+    key = fingerprint(model_stamp(teacher_model_dir(cfg)), cfg.teacher.sampling.model_dump(), prompts)
     path = out / "teacher" / "responses.jsonl"
     rows = _cached(path, key)
     if rows is None:
@@ -133,10 +141,8 @@ def topk_from_scores(scored: list[dict[int, float]], k: int) -> tuple[list[list[
 def teacher_topk(cfg, sequences: list[list[int]], out: Path, pool=None, tag: str = "topk") -> list[dict]:
     """Per sequence {ids, logprobs}: (len - 1) x k teacher top-k for each next-token position.
     Cached in out/teacher/<tag>.jsonl; ``pool`` reuses a running teacher pool."""
-    from rayapp.models.io import resolve_model
-
     k = cfg.logits.top_k
-    key = fingerprint(model_stamp(str(resolve_model(cfg.teacher.path, "teacher.path"))), k, sequences)
+    key = fingerprint(model_stamp(teacher_model_dir(cfg)), k, sequences)
     path = out / "teacher" / f"{tag}.jsonl"
     rows = _cached(path, key)
     if rows is not None:
