@@ -95,6 +95,13 @@ def _read_datasets(p: Path) -> Iterator[Row]:
         yield Row(str(p), i, dict(data))
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file this project wrote (write_jsonl_atomic). Split on "\n" only:
+    ``str.splitlines`` also splits at U+0085, U+2028 and U+2029, which json.dumps(ensure_ascii=False)
+    leaves raw inside strings (a sampled completion held a U+0085 and broke a batch shard)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows) -> int:
     """Write ``rows`` (dicts) as JSONL through a temporary file renamed into place; returns the count."""
     p = Path(path)

@@ -27,7 +27,7 @@ from typing import Any
 
 from rayapp.config.batch import BatchJobConfig
 from rayapp.config.loader import dump_config
-from rayapp.data.readers import read_rows, write_jsonl_atomic
+from rayapp.data.readers import read_jsonl, read_rows, write_jsonl_atomic
 from rayapp.errors import UserError
 from rayapp.teachers import Completion
 
@@ -215,18 +215,14 @@ def write_shard(out: Path, k: int, results: list[dict]) -> dict:
     return stats
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def assemble(out: Path, num_shards: int) -> dict:
     """output.jsonl, rejects.jsonl and stats.json from every shard."""
     total: dict[str, Any] = {}
     for k in range(num_shards):
-        for key, value in _read_jsonl(shard_path(out, k, "stats"))[0].items():
+        for key, value in read_jsonl(shard_path(out, k, "stats"))[0].items():
             total[key] = total.get(key, 0) + value
-    write_jsonl_atomic(out / "output.jsonl", (row for k in range(num_shards) for row in _read_jsonl(shard_path(out, k))))
-    write_jsonl_atomic(out / "rejects.jsonl", (row for k in range(num_shards) for row in _read_jsonl(shard_path(out, k, "rejects"))))
+    write_jsonl_atomic(out / "output.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k))))
+    write_jsonl_atomic(out / "rejects.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k, "rejects"))))
     total["shards"] = num_shards
     (out / "stats.json").write_text(json.dumps(total, indent=1))
     return total

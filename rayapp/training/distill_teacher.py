@@ -49,7 +49,9 @@ def teacher_model_dir(cfg) -> str | None:
 def _cached(path: Path, key: str) -> list | None:
     meta = path.with_suffix(".meta.json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from rayapp.data.readers import read_jsonl
+
+        return read_jsonl(path)
     return None
 
 

@@ -7,7 +7,6 @@ from the directory in any browser and the PNGs can be reused elsewhere.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from rayapp.training.common import write_text_atomic
@@ -16,7 +15,9 @@ from rayapp.training.common import write_text_atomic
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from rayapp.data.readers import read_jsonl
+
+    return read_jsonl(path)
 
 
 def plot_curves(rows: list[dict], series: dict[str, str], out_png: Path, title: str, ylabel: str = "loss") -> Path | None:

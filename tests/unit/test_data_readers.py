@@ -60,3 +60,13 @@ def test_write_jsonl_atomic_round_trip(tmp_path):
     assert write_jsonl_atomic(p, iter(ROWS + [{"t": "é"}])) == 3
     assert [r.data for r in read_rows(p)] == ROWS + [{"t": "é"}]
     assert [x.name for x in p.parent.iterdir()] == ["out.jsonl"]  # no temporary file left
+
+
+def test_jsonl_round_trip_keeps_unicode_line_separators_inside_strings(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+0085 / U+2028 / U+2029 raw; str.splitlines would cut
+    the line there (seen: a sampled teacher completion broke a batch shard)."""
+    from rayapp.data.readers import read_jsonl, write_jsonl_atomic
+
+    rows = [{"output_text": "a\u0085b"}, {"output_text": "c\u2028d\u2029e\x1cf"}, {"output_text": "plain"}]
+    write_jsonl_atomic(tmp_path / "x.jsonl", rows)
+    assert read_jsonl(tmp_path / "x.jsonl") == rows
