@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rayapp.data.readers import read_jsonl  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -58,7 +60,7 @@ def main() -> None:
     t1 = time.perf_counter()
     rlhf.run(cfg)
     t_rl = time.perf_counter() - t1
-    rows = [json.loads(x) for x in (rl_out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(rl_out / "metrics.jsonl")
     summary = rlhf.summarize(rows)
 
     print(f"\n{'iter':>4} {'reward':>7} {'exact':>6} {'format':>6} {'kl':>7} {'len':>5} {'gen s':>6} {'score s':>7} {'train s':>7} {'sync ms':>7} {'iter s':>6}")

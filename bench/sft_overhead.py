@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rayapp.data.readers import read_jsonl  # noqa: E402
+
 
 def plain_loop(model_dir: str, examples: list, pad_id: int, steps: int, micro: int, accum: int, lr: float) -> dict:
     import torch
@@ -80,7 +82,7 @@ def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, 
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"]}
 
 

@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from rayapp.data.readers import read_jsonl  # noqa: E402
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,8 +41,8 @@ MODEL = "smollm2-135m-instruct"
 def load_questions(n: int) -> list[tuple[str, str]]:
     """(task_type, question) pairs, alternating reasoning and CommonsenseQA."""
     fams = {
-        "number": [json.loads(x)["input_text"] for x in (ROOT / "data/reasoning/train.jsonl").read_text().splitlines()],
-        "choice": [json.loads(x)["input_text"] for x in (ROOT / "data/csqa/train.jsonl").read_text().splitlines()],
+        "number": [r["input_text"] for r in read_jsonl(ROOT / "data/reasoning/train.jsonl")],
+        "choice": [r["input_text"] for r in read_jsonl(ROOT / "data/csqa/train.jsonl")],
     }
     out = []
     for i in range(n):

@@ -350,10 +350,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows a killed run wrote after its last checkpoint (they are re-run)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     keep = [r for r in rows if json.loads(r).get("step", 0) <= step] if step else []
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in keep))
+    tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rayapp.data.readers import read_jsonl
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,5 +78,5 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     assert "resuming from checkpoint at step" in p.stdout
     resumed = int(p.stdout.split("resuming from checkpoint at step ")[1].split()[0])
     assert resumed in done and resumed >= 4
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
     assert steps == list(range(1, 41))

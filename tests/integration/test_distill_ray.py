@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rayapp.config import load_job
+from rayapp.data.readers import read_jsonl
 
 pytestmark = [pytest.mark.integration]  # ~6-9 min on 2 cores; part of make test
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +20,7 @@ FAST = ["train.eval_every=4", "train.checkpoint_every=8", "evaluation.max_exampl
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def _assert_trained(out: Path, key: str | None = None) -> None:
@@ -88,8 +89,8 @@ def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, 
         "evaluation.teacher=true", *FAST])
     summary = run(cfg)
     _assert_trained(out, "rationale_loss")
-    teacher_rows = [json.loads(x) for x in (out / "teacher" / "rationales.jsonl").read_text().splitlines()]
-    inputs = [json.loads(x) for x in (ROOT / "data/distill_tiny/train.jsonl").read_text().splitlines()]
+    teacher_rows = read_jsonl(out / "teacher" / "rationales.jsonl")
+    inputs = read_jsonl(ROOT / "data/distill_tiny/train.jsonl")
     unlabelled = {r["input_text"] for r in inputs if "output_text" not in r}
     labelled_by_teacher = [r for r in teacher_rows if r["input_text"] in unlabelled]
     assert len(labelled_by_teacher) >= len(unlabelled) // 2, "the teacher labelled too few rows"
@@ -111,7 +112,7 @@ def test_logits_kd_from_vllm_top_k(ray_cluster, tuned_teacher, engine, tmp_path)
     out = tmp_path / "logits"
     run(load_job(ROOT / "jobs/distill_logits.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
     _assert_trained(out, "kd_loss")
-    topk = [json.loads(x) for x in (out / "teacher" / "topk.jsonl").read_text().splitlines()]
+    topk = read_jsonl(out / "teacher" / "topk.jsonl")
     assert len(topk[0]["ids"][0]) == 20 and all(lp <= 0 for lp in topk[0]["logprobs"][0])
     _loads_in_vllm(engine, out / "model")
 

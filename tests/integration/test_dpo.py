@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from rayapp.config import load_job
+from rayapp.data.readers import read_jsonl
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def test_dpo_job_raises_the_chosen_over_rejected_margin(ray_cluster, tmp_path):

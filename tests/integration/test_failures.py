@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import signal
 
 import psutil
 import pytest
 
+from rayapp.data.readers import read_jsonl
 from tests.integration.test_jobs import rayapp, registered_step, start_head, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -70,7 +70,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_head, tmp_path):
     (resumed,) = resumed_at
     assert killed_after <= resumed < 32
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     steps = [row["step"] for row in rows if "loss" in row]
     # The step counter continues from the checkpoint: each step once, in order, to the end.
     assert steps == sorted(set(steps)) and steps[-1] == 32 and resumed in steps and resumed + 1 in steps

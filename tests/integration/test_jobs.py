@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from rayapp.data.readers import read_jsonl
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -211,7 +212,7 @@ def test_submit_follow_succeeds_and_writes_outputs(ray_head, tmp_path):
     assert job_id.startswith("raysubmit_")
     assert f"{job_id}: SUCCEEDED" in r.stdout
     assert (out / "model" / "config.json").exists() and any((out / "model").glob("*.safetensors"))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["step"] == 16  # 256 rows, 1 epoch, global batch 16
     assert (out / "config.resolved.yaml").exists()
 
@@ -242,7 +243,7 @@ def test_stop_leaves_a_usable_checkpoint(ray_head, tmp_path):
                    "--address", ray_head.address, "--follow")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resuming from checkpoint at step {last} " in again.stdout, again.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r][-3:] == [last, last + 1, last + 2]
 
 

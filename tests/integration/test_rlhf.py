@@ -11,6 +11,7 @@ import pytest
 
 from rayapp.config import load_job
 from rayapp.config.base import EngineConfig
+from rayapp.data.readers import read_jsonl
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def _check_engine_has_new_weights(pool, out: Path, tiny_model_dir):
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def test_one_grpo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from rayapp.config import load_job
+from rayapp.data.readers import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 300
@@ -50,8 +51,8 @@ def _job(tmp_path: Path, out: str, **extra) -> Path:
 
 
 def _check_every_row_once(out: Path) -> dict:
-    rows = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
-    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "output.jsonl")
+    rejects = read_jsonl(out / "rejects.jsonl")
     ids = Counter(r["id"] for r in rows)
     assert max(ids.values()) == 1, "duplicated rows"
     assert set(ids) == {f"r{i}" for i in range(N_GOOD)}, "lost rows"
@@ -72,7 +73,7 @@ def test_batch_job_writes_every_row_exactly_once(ray_cluster, tiny_model_dir, tm
     summary = run(cfg)
     assert summary["written"] == N_GOOD and summary["rejected"] == 4 and summary["shards"] == 10
     _check_every_row_once(tmp_path / "out")
-    chat_rows = [json.loads(x) for x in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
+    chat_rows = read_jsonl(tmp_path / "out" / "output.jsonl")
     assert chat_rows[0]["teacher"] == {"model": "tiny", "template": "chat", "sampling": cfg.sampling.model_dump()}
     print(f"batch job: {summary['rows_per_s']} rows/s over {summary['rows_generated']} rows")
     # A second run finds every shard written and generates nothing.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from rayapp.config.base import EngineConfig, SamplingConfig
+from rayapp.data.readers import read_jsonl
 from rayapp.teachers.rationales import generate_rationales
 from rayapp.teachers.templates import answers_match, get_template, parse_rationale
 
@@ -25,7 +25,7 @@ def smollm2_pool(ray_cluster):
 
 
 def _questions(family: str) -> list[dict]:
-    rows = [json.loads(x) for x in (ROOT / "data" / family / "train.jsonl").read_text().splitlines()]
+    rows = read_jsonl(ROOT / "data" / family / "train.jsonl")
     return rows[:N]
 
 

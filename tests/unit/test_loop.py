@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
 
 from rayapp.config.base import TrainConfig
+from rayapp.data.readers import read_jsonl
 from rayapp.training.loop import LocalReporter, fit, global_batch_indices, lr_lambda, total_steps_for
 from rayapp.training.sft import count_supervised, sft_loss
 
@@ -107,7 +107,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_mode
         run(_KilledAfter(tmp_path / "ckpt", kill_at=6), metrics)  # dies at step 6; last checkpoint is 4
     resumed = run(LocalReporter(tmp_path / "ckpt"), metrics)
     assert resumed.resumed_from == 4
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in read_jsonl(metrics)]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 of the killed run were dropped and re-run
     full = run(LocalReporter(tmp_path / "ckpt_full"))
     assert full.metrics["loss"] == pytest.approx(resumed.metrics["loss"], rel=1e-4)
@@ -169,4 +169,4 @@ def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, t
         metrics_path=tmp_path / "metrics.jsonl", name="quiet")
     lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[quiet]")]
     assert [x.split()[1] for x in lines] == ["1/6", "6/6"], lines
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

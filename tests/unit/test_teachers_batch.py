@@ -9,6 +9,7 @@ import pytest
 
 from rayapp.config.batch import BatchJobConfig
 from rayapp.config.loader import ConfigError, load_job_dict
+from rayapp.data.readers import read_jsonl
 from rayapp.teachers import PROMPT_TOO_LONG, Completion
 from rayapp.teachers.batch import (
     BatchInputError,
@@ -80,7 +81,7 @@ def test_shards_assemble_in_row_order(tmp_path):
     assert done_shards(out, 2) == {1}
     write_shard(out, 0, [{"row": 1, "status": "ok", "data": {"i": 1}}, {"row": 0, "status": "ok", "data": {"i": 0}}])
     stats = assemble(out, 2)
-    assert [json.loads(x)["i"] for x in (out / "output.jsonl").read_text().splitlines()] == [0, 1, 3]
+    assert [r["i"] for r in read_jsonl(out / "output.jsonl")] == [0, 1, 3]
     assert stats["written"] == 3 and stats["bad_row"] == 1 and stats["rows_in"] == 4
     assert not list((out / "shards").glob(".*tmp*"))  # no temporary files left
 
