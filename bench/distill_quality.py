@@ -51,21 +51,11 @@ RESULTS = ROOT / "bench" / "results"
 ORACLE = {"model": "reasoning-gym:chain_sum (programmatic step-by-step partial sums)", "template": "none", "sampling": {}}
 
 
-def partial_sums(expression: str) -> tuple[str, int]:
-    """'4 - 1 - 7' -> ('4 - 1 = 3. 3 - 7 = -4. So the answer is -4.', -4)."""
-    tokens = expression.split()
-    acc = int(tokens[0])
-    steps = []
-    for op, num in zip(tokens[1::2], tokens[2::2], strict=True):
-        new = acc + int(num) if op == "+" else acc - int(num)
-        steps.append(f"{acc} {op} {num} = {new}.")
-        acc = new
-    return " ".join(steps) + f" So the answer is {acc}.", acc
-
-
 def make_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct questions not in ``exclude``: {input_text, gold, worked} (worked: the oracle's worked answer)."""
+    """n distinct questions not in ``exclude``: {input_text, gold, rationale} (the partial sums, "4 - 1 = 3. 3 - 7 = -4.")."""
     import reasoning_gym as rg
+
+    from rayapp.tasks import chain_rationale
 
     ds = rg.create_dataset("chain_sum", size=8 * n + 400, seed=seed, min_terms=3, max_terms=3, min_digits=1, max_digits=1)
     rows, seen = [], set(exclude)
@@ -74,18 +64,22 @@ def make_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
         if f"{expr} =" in seen:
             continue
         seen.add(f"{expr} =")
-        worked, value = partial_sums(expr)
-        assert str(value) == str(x["answer"]), (expr, value, x["answer"])
-        rows.append({"input_text": f"{expr} =", "gold": str(x["answer"]), "worked": worked})
+        rows.append({"input_text": f"{expr} =", "gold": str(x["answer"]), "rationale": chain_rationale(expr)})
         if len(rows) == n:
             return rows
     raise SystemExit(f"chain_sum gave only {len(rows)} new questions of the {n} asked (seed {seed}); lower --sizes or --teacher-train")
 
 
+def worked_answer(row: dict) -> str:
+    """What the teacher is tuned to write: '4 - 1 = 3. 3 - 7 = -4. So the answer is -4.'"""
+    from rayapp.teachers.templates import ANSWER_MARKER
+
+    return f"{row['rationale']} {ANSWER_MARKER} {row['gold']}."
+
+
 def oracle_rows(rows: list[dict]) -> list[dict]:
     """Teacher-output rows from the programmatic partial sums: always right."""
-    return [{"input_text": r["input_text"], "label": r["gold"], "rationale": r["worked"].rsplit(" So the answer is", 1)[0],
-             "teacher": ORACLE} for r in rows]
+    return [{"input_text": r["input_text"], "label": r["gold"], "rationale": r["rationale"], "teacher": ORACLE} for r in rows]
 
 
 def train_teacher(rows: list[dict], work: Path, model: str, steps: int, lr: float, seed: int) -> tuple[Path, float]:
@@ -103,14 +97,14 @@ def train_teacher(rows: list[dict], work: Path, model: str, steps: int, lr: floa
     from rayapp.training.sft import count_supervised, sft_loss
 
     out = work / "teacher"
-    key = fingerprint(model, steps, lr, seed, [(r["input_text"], r["worked"]) for r in rows])
+    key = fingerprint(model, steps, lr, seed, [(r["input_text"], worked_answer(r)) for r in rows])
     meta = out / "teacher.json"
     if (out / "model" / "config.json").exists() and meta.exists() and json.loads(meta.read_text())["fingerprint"] == key:
         print(f"teacher: reusing {out / 'model'}", flush=True)
         return out / "model", json.loads(meta.read_text())["seconds"]
     started = time.perf_counter()
     train_file = out / "train_cot.jsonl"
-    write_jsonl_atomic(train_file, [{"input_text": r["input_text"], "output_text": r["worked"]} for r in rows])
+    write_jsonl_atomic(train_file, [{"input_text": r["input_text"], "output_text": worked_answer(r)} for r in rows])
     base = resolve_model(model)
     tok = load_tokenizer(base)
     data = load_sft_dataset(train_file, tok, None, 64)
@@ -255,6 +249,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from rayapp.config.loader import load_job_dict
+    from rayapp.data.readers import write_jsonl_atomic
     from rayapp.evaluation import evaluate_answers
     from rayapp.teachers.rationales import REJECT_REASONS
     from rayapp.teachers.templates import answers_match
@@ -298,7 +293,7 @@ def main() -> None:
         random.Random(seed).shuffle(order)
         for n in args.sizes:
             teacher_file = work / f"teacher_n{n}_s{seed}.jsonl"
-            teacher_file.write_text("".join(json.dumps(rows[i]) + "\n" for i in order[:n]))
+            write_jsonl_atomic(teacher_file, [rows[i] for i in order[:n]])
             for variant, (rw, explain_target, _) in VARIANTS.items():
                 out = work / f"n{n}_{variant}_s{seed}"
                 cfg = load_job_dict(job(out, teacher_file, variant, args.steps, seed, 2 if args.ray else 1, args.model, args.lr))

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 MAX_SAMPLES = 20  # bad-row messages kept for the report when rows are dropped
+TOKEN_FIELDS = ("truncated", "total_tokens", "supervised_tokens", "token_lengths")  # meaningful once tokenized
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -75,6 +76,14 @@ class DatasetStats:
             "supervised_tokens": self.supervised_tokens,
             "token_lengths": self.token_lengths(),
         }
+
+    @staticmethod
+    def format_line(d: dict) -> str:
+        """One line from ``to_dict()``'s form: "rows 5, examples 4, dropped 1, ...". As in format(),
+        token counts only when something was tokenized (raw input files are read, not tokenized)."""
+        counted = d.get("token_lengths") is not None
+        return ", ".join(f"{k} {v}" for k, v in d.items() if not isinstance(v, (dict, list))
+                         and (counted or k not in TOKEN_FIELDS))
 
     def format(self) -> str:
         """An aligned two-column table, e.g. for `rayapp validate` and report.html."""

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rayapp.data.stats import DatasetStats
 from rayapp.errors import UserError
 
 
@@ -53,9 +54,7 @@ class DistillData:
             lines.append(f"answer-accuracy rows: {len(self.eval)}")
         for split, s in self.stats.items():
             if isinstance(s, dict) and "rows" in s:
-                counted = s.get("token_lengths") is not None  # raw input files are read, not tokenized
-                lines.append(f"{split}: " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list))
-                                                      and (counted or k not in ("total_tokens", "supervised_tokens", "token_lengths"))))
+                lines.append(f"{split}: " + DatasetStats.format_line(s))
         return "\n".join(lines + self.notes)
 
     def report_sections(self, answers: dict) -> list[tuple[str, str]]:

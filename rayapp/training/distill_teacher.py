@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from rayapp.data.readers import read_jsonl
 from rayapp.errors import UserError
 
 
@@ -49,8 +50,6 @@ def teacher_model_dir(cfg) -> str | None:
 def _cached(path: Path, key: str) -> list | None:
     meta = path.with_suffix(".meta.json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
-        from rayapp.data.readers import read_jsonl
-
         return read_jsonl(path)
     return None
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from rayapp.config.base import TrainConfig
+from rayapp.data.readers import read_jsonl, write_jsonl_atomic
 
 PROGRESS_EVERY_S = 2.0  # seconds between progress lines
 
@@ -350,11 +351,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows a killed run wrote after its last checkpoint (they are re-run)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    keep = [r for r in rows if json.loads(r).get("step", 0) <= step] if step else []
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_jsonl_atomic(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step] if step else [])
 
 
 def _progress(name: str, unit: str, step: int, total: int, m: dict, elapsed: float, steps_done: int) -> None:

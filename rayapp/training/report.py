@@ -9,14 +9,13 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from rayapp.data.readers import read_jsonl
 from rayapp.training.common import write_text_atomic
 
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    from rayapp.data.readers import read_jsonl
-
     return read_jsonl(path)
 
 

@@ -175,6 +175,16 @@ def test_stats_numbers_and_table():
     assert DatasetStats(rows=1, examples=1).to_dict()["token_lengths"] is None
 
 
+def test_stats_line_shows_token_counts_only_when_tokenized():
+    read_only = DatasetStats(source="in.jsonl", rows=3, examples=2)
+    read_only.add_bad_row("empty_input", "in.jsonl:2: input_text: empty")
+    assert DatasetStats.format_line(read_only.to_dict()) == "source in.jsonl, rows 3, examples 2, dropped 1"
+    encoded = DatasetStats(rows=1)
+    encoded.add_example(Encoded(input_ids=[1, 2, 3], labels=[-100, 2, 3], truncated=False))
+    assert DatasetStats.format_line(encoded.to_dict()) == (
+        "source , rows 1, examples 1, dropped 0, truncated 0, total_tokens 3, supervised_tokens 2")
+
+
 def test_preference_prompt_and_distill_loaders(tmp_path):
     f = write_lines(
         tmp_path / "pref.jsonl",
