@@ -45,10 +45,14 @@ def map_state(ray_status) -> str:
 
 
 def resolve_address(address: str | None) -> str:
-    """--address, else $RAYAPP_JOBS_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL, else localhost:8265."""
+    """--address, else $RAYAPP_JOBS_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL, else the Jobs API
+    of the local head rayapp started (`rayapp deploy`, `make demo`) when it is up, else localhost:8265."""
+    from rayapp.serving.local_head import running_dashboard
+
     ray_address = os.environ.get("RAY_ADDRESS", "")
     address = (address or os.environ.get("RAYAPP_JOBS_ADDRESS")
-               or (ray_address if ray_address.startswith(("http://", "https://")) else None) or DEFAULT_ADDRESS)
+               or (ray_address if ray_address.startswith(("http://", "https://")) else None)
+               or running_dashboard() or DEFAULT_ADDRESS)
     if "://" not in address:
         address = f"http://{address}"
     return address
