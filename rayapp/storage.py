@@ -24,7 +24,8 @@ pickled: each process gets them from the SDK's own chain (``AWS_ACCESS_KEY_ID`` 
 ``GOOGLE_APPLICATION_CREDENTIALS`` or the metadata server), so every node of a cluster needs
 them. Without credentials pyarrow sends unsigned requests. Against moto those requests stored
 the chunked-upload framing as the object's bytes, so the test session sets fake credentials
-before any Ray process starts.
+before any Ray process starts. ``STORAGE_EMULATOR_HOST`` (``http://HOST:PORT``, the variable
+Google's clients read) sends gs:// to a GCS emulator, without credentials.
 
 What is atomic:
 
@@ -106,7 +107,7 @@ def open_output(output_dir: str | os.PathLike, *, check: bool = True) -> OutputS
         return OutputStore(str(path), pyarrow.fs.LocalFileSystem(), str(path))
     uri = _normalize_uri(s)
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        fs, root = _filesystem(uri)
     except (OSError, ValueError) as e:
         raise _explain(e, uri, "opening") from e
     store = OutputStore(uri, fs, root.rstrip("/"))
@@ -124,6 +125,26 @@ def fetch_dir(uri_or_path: str | os.PathLike) -> Path:
             raise StorageError(f"{uri_or_path}: no such directory")
         return path
     return open_output(uri_or_path, check=False).fetch_dir()
+
+
+def _filesystem(uri: str, gcs_retry_seconds: float | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """pyarrow's filesystem and path for a normalized URI. GCS: ``STORAGE_EMULATOR_HOST`` (the
+    variable Google's own clients read) points gs:// at an emulator, without credentials; and
+    ``gcs_retry_seconds`` bounds how long an unreachable GCS is retried (15 minutes otherwise)."""
+    import pyarrow.fs
+
+    if uri.startswith("gs://"):
+        if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
+            from datetime import timedelta
+
+            scheme, _, host = emulator.rpartition("://")
+            limit = timedelta(seconds=gcs_retry_seconds) if gcs_retry_seconds else None
+            fs = pyarrow.fs.GcsFileSystem(anonymous=True, endpoint_override=host.rstrip("/"),
+                                          scheme=scheme or "http", retry_time_limit=limit)
+            return fs, uri.removeprefix("gs://")
+        if gcs_retry_seconds:
+            uri = f"{uri}?retry_limit_seconds={gcs_retry_seconds:g}"
+    return pyarrow.fs.FileSystem.from_uri(uri)
 
 
 class OutputStore:
@@ -198,15 +219,22 @@ class OutputStore:
 
     def check(self) -> None:
         """One listing of output_dir: raises StorageError when the endpoint cannot be reached, the
-        bucket does not exist, or the credentials are refused. A new, empty output_dir passes."""
+        bucket does not exist, or the credentials are refused. A new, empty output_dir passes.
+        On GCS the probe gives up after 15 s instead of the client's 15 minutes."""
         import pyarrow.fs
 
+        fs = _filesystem(self.uri, gcs_retry_seconds=15)[0] if self.uri.startswith("gs://") else self.fs
         try:
             with self._errors("listing"):
-                self.fs.get_file_info(pyarrow.fs.FileSelector(self.root))
+                fs.get_file_info(pyarrow.fs.FileSelector(self.root))
         except StorageError as e:
-            if not isinstance(e.__cause__, FileNotFoundError):   # output_dir not written yet: fine
+            if not _not_found(e.__cause__):
                 raise
+            if "NOT_FOUND" in str(e.__cause__):   # GCS answers 404 for the bucket itself
+                bucket = self.root.split("/")[0]
+                raise StorageError(f"output_dir {self.uri}: bucket '{bucket}' does not exist; create it or "
+                                   "fix output_dir") from e.__cause__
+            # else: output_dir not written yet, fine
 
     def exists(self, rel: str) -> bool:
         """Whether a file or directory exists at ``rel`` in output_dir."""
@@ -378,9 +406,9 @@ class OutputStore:
             yield
         except StorageError:
             raise
-        except FileNotFoundError as e:
-            raise StorageError(f"{self.uri_of(rel)}: not found ({action})") from e
         except (OSError, ValueError) as e:   # pyarrow raises OSError for I/O, ArrowInvalid (a ValueError)
+            if _not_found(e):
+                raise StorageError(f"{self.uri_of(rel)}: not found ({action})") from e
             raise _explain(e, self.uri_of(rel), action) from e
 
     def _remote_files(self, rel: str) -> list[str]:
@@ -419,7 +447,7 @@ class OutputStore:
                 with self._errors("deleting", rel):
                     self.fs.delete_file(self._fs_path(rel))
             except StorageError as e:
-                if not isinstance(e.__cause__, FileNotFoundError):
+                if not _not_found(e.__cause__):
                     raise
 
     def _upload(self, rels: list[str]) -> None:
@@ -451,6 +479,12 @@ class OutputStore:
                 tmp.unlink(missing_ok=True)
 
         _parallel(one, pairs)
+
+
+def _not_found(e: BaseException | None) -> bool:
+    """pyarrow's "no such path": FileNotFoundError from S3 and local files; a plain OSError with
+    this wording from GCS for a prefix that holds no objects."""
+    return isinstance(e, FileNotFoundError) or (isinstance(e, OSError) and str(e).startswith("No such file or directory"))
 
 
 def _copy_file(src_fs, src: str, dst_fs, dst: str) -> None:
@@ -549,14 +583,15 @@ def _explain(e: BaseException, uri: str, action: str) -> StorageError:
         else:
             hint = f"S3 at {where} failed"
     elif uri.startswith("gs://"):
-        if any(k in msg for k in _UNREACHABLE):
-            hint = "cannot reach Google Cloud Storage; check the network"
-        elif any(k in msg for k in _DENIED):
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if "access token" in msg or any(k in msg for k in _DENIED):
             hint = (f"credentials missing or refused for gs://{bucket}; set GOOGLE_APPLICATION_CREDENTIALS "
                     "to a service-account key with Storage Object Admin on the bucket (or run "
-                    "`gcloud auth application-default login`); on a cluster every node needs them")
-        elif "NOT_FOUND" in msg and "bucket" in msg.lower():
-            hint = f"bucket '{bucket}' does not exist; create it or fix output_dir"
+                    "`gcloud auth application-default login`); on a cluster every node needs them. "
+                    "Getting a token needs oauth2.googleapis.com or the VM's metadata server")
+        elif any(k in msg for k in _UNREACHABLE):
+            hint = (f"cannot reach the GCS emulator at STORAGE_EMULATOR_HOST={emulator}; check it is up"
+                    if emulator else "cannot reach Google Cloud Storage; check the network")
         else:
             hint = "Google Cloud Storage failed"
     else:
