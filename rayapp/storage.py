@@ -89,7 +89,8 @@ class StorageError(UserError):
 
 
 def is_uri(output_dir: str | os.PathLike) -> bool:
-    """True for an object-store URI (``s3://``, ``gs://``), False for a local path or ``file://``."""
+    """True for a URI (``s3://``, ``gs://``; other schemes are refused by ``open_output``), False
+    for a local path or ``file://``."""
     s = os.fspath(output_dir)
     return "://" in s and not s.startswith("file://")
 
