@@ -18,6 +18,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# Fake AWS credentials before any Ray process starts (tests/s3_server.py says why).
+from tests.gcs_server import gcs_server  # noqa: E402, F401 (fixtures)
+from tests.s3_server import s3_bucket, s3_server, use_fake_aws_credentials  # noqa: E402, F401 (fixtures)
+
+use_fake_aws_credentials()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
