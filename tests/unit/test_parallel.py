@@ -266,6 +266,25 @@ def test_parameters_are_sharded_over_ranks(runs):
     assert emb.numel() == 251 * 64
 
 
+def test_plan_matches_the_sharded_model(runs, tmp_path):
+    """rayapp plan's per-worker parameter, gradient and AdamW bytes under FSDP2 are those of the fullest
+    rank of the real 2-rank run (uneven vocab and MLP sizes), and DDP's are the whole model's."""
+    import json
+
+    from rayapp import plan
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    shape = plan.model_shape(str(tmp_path))
+    total = sum(p.numel() for p in build_model(0).parameters())
+    assert shape.params == total
+    most = max(sum(r["local_numel"].values()) for r in runs["ranks"])
+    assert most > total / 2  # the split is uneven here
+    fsdp = plan.training_memory(shape, "float32", num_workers=2, strategy="fsdp")
+    assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (4 * most, 4 * most, 8 * most)
+    ddp = plan.training_memory(shape, "float32", num_workers=2, strategy="ddp")
+    assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4 * total, 4 * total, 8 * total)
+
+
 def test_sharded_checkpoint_resumes_exactly(runs):
     r0 = runs["ranks"][0]
     assert ".metadata" in runs["merged_files"] and len([f for f in runs["merged_files"] if f.endswith(".distcp")]) == 2
