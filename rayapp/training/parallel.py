@@ -106,7 +106,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(m, nn.parallel.DistributedDataParallel):
             m = m.module
-        elif callable(getattr(m, "get_base_model", None)) and hasattr(m, "peft_config"):
+        elif callable(getattr(m, "get_base_model", None)) and hasattr(m, "peft_config") and m.get_base_model() is not m:
             m = m.get_base_model()
         else:
             return m
@@ -363,6 +363,8 @@ def iter_full_params(model: nn.Module, bucket_bytes: int = 256 * 1024**2) -> Ite
     one bucket of gathered weights at a time. Names and values as :func:`full_state_dict`, except
     that a weight tied to an earlier one (lm_head to the embeddings) is sent once, under the first
     name (vLLM and transformers re-tie it). Every rank must consume the whole iterator, in step.
+    Under none / ddp nothing is gathered and the tensors are the live parameters (LoRA-merged ones
+    excepted): consume a bucket before the next optimizer step.
     """
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0

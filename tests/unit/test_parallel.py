@@ -134,6 +134,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     res["ddp_losses"], res["ddp_norms"] = train(model, opt, STEPS, rank, world)
     res["ddp_full_state_is_none"] = P.full_state_dict(model) is None
+    # DDP through the same sharded checkpoint: rank 0 writes the (replicated) tensors once.
+    P.save_sharded(os.path.join(out, f"ddp_rank{rank}"), model, opt)
+    dist.barrier()
+    if rank == 0:
+        for r in range(world):
+            shutil.copytree(os.path.join(out, f"ddp_rank{r}"), os.path.join(out, "ddp_merged"), dirs_exist_ok=True)
+    dist.barrier()
+    fresh = P.prepare_model(build_model(99), "ddp", "cpu", "fp32")
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=LR)
+    P.load_sharded(os.path.join(out, "ddp_merged"), fresh, fresh_opt)
+    res["ddp_reload_equal"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                      fresh.state_dict().values(), strict=True))
+    res["ddp_reload_losses"] = [train(m, o, 1, rank, world, first=STEPS)[0][0] for m, o in ((model, opt), (fresh, fresh_opt))]
 
     # FSDP2 with and without activation checkpointing: the same gradients.
     for ac in (False, True):
@@ -292,6 +305,13 @@ def test_sharded_checkpoint_resumes_exactly(runs):
         assert res["losses"] == r0["fsdp_losses"][SAVE_AT:SAVE_AT + RESUME_STEPS]
 
 
+def test_ddp_sharded_checkpoint_round_trip(runs):
+    for res in runs["ranks"]:
+        assert res["ddp_reload_equal"]
+        trained, reloaded = res["ddp_reload_losses"]
+        assert trained == reloaded  # weights and AdamW state restored: the next step is the same
+
+
 def test_full_state_dict_equals_one_process_weights(runs, reference):
     r0, r1 = runs["ranks"]
     assert r1["full_state"] is None and r0["ddp_full_state_is_none"] is False and r1["ddp_full_state_is_none"]
@@ -333,7 +353,7 @@ def test_activation_checkpointing_same_gradients(runs):
         assert plain.keys() == ac.keys() and len(plain) == 20  # lm_head is tied to the embeddings
         for name in plain:
             torch.testing.assert_close(ac[name], plain[name], atol=1e-5, rtol=0)
-    # and in one process
+    # and in one process, full and LoRA (frozen embeddings: no input needs a gradient)
     grads = []
     for ac in (False, True):
         model = P.prepare_model(build_model(1), "none", "cpu", "fp32", activation_checkpointing=ac)
@@ -342,6 +362,18 @@ def test_activation_checkpointing_same_gradients(runs):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=0)
         torch.testing.assert_close(grads[0][name], runs["ranks"][0]["grads_ac_False"][name], atol=1e-5, rtol=0)
+    lora = []
+    for ac in (False, True):
+        model = add_lora(build_model(1))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(7))
+        model = P.prepare_model(model, "none", "cpu", "fp32", activation_checkpointing=ac)
+        loss_of(model, batch(0)).backward()
+        lora.append(full_grads(model))
+    assert len(lora[0]) == 2 * 7 * 2  # lora_A and lora_B of 7 linears in 2 layers
+    for name in lora[0]:
+        torch.testing.assert_close(lora[1][name], lora[0][name], atol=1e-5, rtol=0)
 
 
 def test_bf16_mixed_keeps_fp32_masters(runs, reference):
