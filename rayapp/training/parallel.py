@@ -113,11 +113,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks FSDP2 shards one by one: modules whose class transformers lists in
-    ``_no_split_modules`` (LlamaDecoderLayer, Qwen2DecoderLayer, ...), else the children of the
+    """The transformer blocks FSDP2 shards one by one: modules whose class a transformers model
+    inside ``model`` (the root, or wrapped by peft, a value head or a distillation projector) lists
+    in ``_no_split_modules`` (LlamaDecoderLayer, Qwen2DecoderLayer, ...), else the children of the
     largest ``nn.ModuleList``."""
     hf = unwrap(model)
-    names = set(getattr(hf, "_no_split_modules", None) or ())
+    names = set().union(*(getattr(m, "_no_split_modules", None) or () for m in hf.modules()))
     layers = [m for m in hf.modules() if type(m).__name__ in names]
     if layers:
         return layers
@@ -171,10 +172,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
     gradient checkpointing, non-reentrant: works with frozen inputs under LoRA and inside FSDP2)."""
     hf = unwrap(model)
-    if not callable(getattr(hf, "gradient_checkpointing_enable", None)) or not getattr(hf, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(hf).__name__} does not support gradient checkpointing; "
+    # The transformers model itself, or the first one inside a wrapper (value head, distillation projector).
+    found = [m for m in hf.modules() if getattr(m, "supports_gradient_checkpointing", False)
+             and callable(getattr(m, "gradient_checkpointing_enable", None))]
+    if not found:
+        raise ValueError(f"{type(hf).__name__} holds no transformers model that supports gradient checkpointing; "
                          "set train.activation_checkpointing: false")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    found[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _shard(model: nn.Module, device: torch.device, prec: Precision) -> nn.Module:
@@ -385,7 +389,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The full, unsharded state dict on CPU on rank 0 (``None`` on other ranks), LoRA merged: the
     names and values of peft's ``merge_and_unload().state_dict()`` (tied weights under both names).
     ``unwrap(model).save_pretrained(dir, state_dict=...)`` on rank 0 writes a directory transformers
-    and vLLM load. Gathers one tensor at a time; every rank must call it."""
+    and vLLM load (it pops the tensors out of the dict it is given). When the trained root wraps the
+    language model (a value head, a distillation projector), pass that submodule: names are relative
+    to the module passed. Gathers one tensor at a time; every rank must call it."""
     out: dict[str, torch.Tensor] | None = {} if _rank() == 0 else None
     for name, t, tied_to in _iter_full(model):
         if out is not None:

@@ -49,6 +49,19 @@ def add_lora(model):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
+class ValueHeadLM(torch.nn.Module):
+    """A language model inside a wrapper, as the RL value head and the distillation projector hold it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.v_head = torch.nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, input_ids):
+        out = self.lm(input_ids=input_ids, output_hidden_states=True)
+        return out.logits, self.v_head(out.hidden_states[-1]).squeeze(-1)
+
+
 def batch(step: int) -> torch.Tensor:
     """Two batches of random tokens, in turn: the model can learn them, so the loss falls."""
     g = torch.Generator().manual_seed(1000 + step % 2)
@@ -175,6 +188,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["lora_losses"], res["lora_norms"] = train(model, opt, 3, rank, world)
     res["lora_full_state"] = P.full_state_dict(model)
     res["lora_buckets"] = [[n for n, _ in b] for b in P.iter_full_params(model, bucket_bytes=1)]
+
+    # A wrapped LM (value head) under FSDP2 with activation checkpointing: layers found inside the
+    # wrapper, one step trains, and the LM's full weights come out under the LM's own names.
+    model = P.prepare_model(ValueHeadLM(build_model(0)), "fsdp", "cpu", "fp32", activation_checkpointing=True)
+    res["wrapped_units"] = sum(type(m).__name__.startswith("FSDP") for m in model.modules())
+    logits, values = model(batch(0)[rank::world])
+    (logits.float().logsumexp(-1).mean() + values.pow(2).mean()).backward()
+    res["wrapped_norm"] = P.clip_grad_norm(model, 1e9)
+    res["wrapped_lm_keys"] = list(P.full_state_dict(model.lm) or {})
 
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -465,3 +487,15 @@ def test_sharded_checkpoint_lora_one_process(tmp_path):
     assert train(fresh, fresh_opt, 1, first=2)[0] == train(model, opt, 1, first=2)[0]
     with pytest.raises(FileNotFoundError, match="no .metadata"):
         P.load_sharded(tmp_path, fresh, fresh_opt)
+
+
+def test_wrapped_language_model(runs, reference):
+    r0, r1 = runs["ranks"]
+    assert r0["wrapped_units"] == 3  # 2 decoder layers + the root
+    assert r0["wrapped_norm"] == r1["wrapped_norm"] > 0
+    assert r0["wrapped_lm_keys"] == list(reference["state"]) and r1["wrapped_lm_keys"] == []
+    model = ValueHeadLM(build_model(0))
+    P.enable_activation_checkpointing(model)
+    assert model.lm.model.gradient_checkpointing
+    with pytest.raises(ValueError, match="set train.activation_checkpointing: false"):
+        P.enable_activation_checkpointing(torch.nn.Linear(2, 2))
