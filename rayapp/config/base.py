@@ -55,10 +55,31 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(1, gt=0, description="Append a metrics.jsonl row every N optimizer steps.")
     seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description="'bf16-mixed': float32 master weights and AdamW state, bf16 compute, float32 gradient reduction; 'fp32': no casting; 'auto': bf16-mixed with resources.use_gpu, fp32 on CPU (no fast bf16 there).")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward instead of storing them: less memory, about a third more compute.")
 
     @property
     def peak_lr(self) -> float:
         return self.learning_rate * self.learning_rate_multiplier
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        """'fp32' or 'bf16-mixed': what ``precision`` means on GPUs (use_gpu) or CPUs."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16-mixed" if use_gpu else "fp32"
+
+
+def check_precision(model: ModelConfig, train: TrainConfig, use_gpu: bool) -> None:
+    """bf16-mixed keeps float32 master weights, so the model must be loaded in float32."""
+    if train.resolved_precision(use_gpu) == "bf16-mixed" and model.dtype != "float32":
+        why = "train.precision: bf16-mixed" if train.precision != "auto" else \
+            "train.precision: auto (bf16-mixed because resources.use_gpu is true)"
+        raise ValueError(
+            f"model.dtype: {model.dtype} with {why}: mixed precision keeps float32 master weights and AdamW state "
+            f"and computes in bf16, so the weights must load as float32. Set model.dtype: float32 (compute is still "
+            f"bf16), or train.precision: fp32 to train the {model.dtype} weights themselves ({model.dtype} AdamW "
+            f"state, small updates lost to rounding)"
+        )
 
 
 class AdapterConfig(StrictModel):
