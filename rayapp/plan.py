@@ -189,10 +189,15 @@ def safetensors_params(model_dir: Path) -> int | None:
 
 
 def model_shape(ref: str, where: str = "model.path") -> ModelShape:
-    """Read the shape of a built-in model name or a directory holding at least config.json."""
+    """Read the shape of a built-in model name, a directory holding at least config.json, or a Hugging
+    Face Hub id (only its config.json is fetched, or read from the cache)."""
+    from rayapp.models.hub import hub_config_json, parse_hub_ref
     from rayapp.models.io import BUILTIN_NAMES, resolve_model
 
     path = resolve_model(ref) if ref in BUILTIN_NAMES or ref.startswith("tiny:") else Path(ref).expanduser()
+    hub = parse_hub_ref(ref) if not path.exists() else None
+    if hub is not None:
+        path = hub_config_json(ref, hub, where).parent
     config = path / "config.json"
     if not config.exists():
         raise PlanError(

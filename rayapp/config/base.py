@@ -22,7 +22,7 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    path: str = Field("tiny", description="A local Hugging Face directory, or a built-in name: 'tiny' (or e.g. 'tiny:layers=4,hidden=256'), 'smollm2-135m-instruct'.")
+    path: str = Field("tiny", description="A local Hugging Face directory; a built-in name: 'tiny' (or e.g. 'tiny:layers=4,hidden=256'), 'smollm2-135m-instruct'; or a Hugging Face Hub id 'ORG/NAME', pinned as 'ORG/NAME@REVISION' (branch, tag or commit), fetched once into the Hugging Face cache ($RAYAPP_HF_CACHE: one every node reads; HF_HUB_OFFLINE=1: the cache only).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for training (float32 on CPU: bf16 is slow without AVX-512).")
     trust_remote_code: bool = Field(False, description="Allow model code shipped inside the model directory to run.")
     max_seq_len: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated (or flagged as bad rows).")
