@@ -7,9 +7,9 @@ missing key should have been.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Adapter sizes the managed service offers; other positive ranks are allowed too.
 VERTEX_ADAPTER_SIZES = (1, 2, 4, 8, 16, 32)
@@ -26,6 +26,27 @@ class ModelConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for training (float32 on CPU: bf16 is slow without AVX-512).")
     trust_remote_code: bool = Field(False, description="Allow model code shipped inside the model directory to run.")
     max_seq_len: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated (or flagged as bad rows).")
+
+
+def _report_to_list(value):
+    """`report_to: tensorboard` or `[tensorboard, mlflow]`; 'none' or null for no tracker; repeats dropped."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        return list(dict.fromkeys(value))
+    return value
+
+
+# Experiment trackers a training job reports to (rayapp/tracking.py). For a training config:
+#     report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_DESCRIPTION)
+ReportTo = Annotated[list[Literal["tensorboard", "mlflow", "wandb"]], BeforeValidator(_report_to_list)]
+REPORT_TO_DESCRIPTION = (
+    "Experiment trackers that get every metrics.jsonl series, the resolved config and the report: "
+    "tensorboard (output_dir/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else output_dir/mlruns), wandb "
+    "(offline in output_dir/wandb unless logged in or $WANDB_MODE says otherwise). Needs rayapp[track]."
+)
 
 
 class DataConfig(StrictModel):

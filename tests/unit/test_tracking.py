@@ -1,0 +1,253 @@
+"""Experiment tracking, read back with each library's own reader: TensorBoard's EventAccumulator,
+MLflow's search_runs / MlflowClient, and the offline W&B run file (tests/wandb_reader.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, Field, ValidationError
+
+from rayapp.config.base import REPORT_TO_DESCRIPTION, ReportTo
+from rayapp.tracking import Trackers, TrackingError, flatten, replay_metrics, wandb_mode
+from tests.conftest import ROOT
+from tests.wandb_reader import read_run
+
+CONFIG = {"kind": "sft", "name": "sft_track", "model": {"path": "tiny", "dtype": "float32"},
+          "train": {"learning_rate": 1.0e-4, "global_batch_size": 8}, "adapter": None, "stop": ["\n"]}
+
+
+def rows(first: int, last: int) -> list[dict]:
+    out = []
+    for step in range(first, last + 1):
+        row = {"step": step, "epoch": step / 4, "loss": 3.0 / step, "lr": 1e-4, "units": 100 + step}
+        if step % 4 == 0:
+            row["val_loss"] = 2.0 / step
+        out.append(row)
+    return out
+
+
+def write_metrics(out: Path, rs: list[dict], mode: str = "w") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rs)
+
+
+@pytest.fixture
+def tracking_env(monkeypatch, tmp_path):
+    """No tracking server, no W&B login: MLflow and W&B write into output_dir."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_API_KEY",
+                "WANDB_PROJECT", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "RANK", "WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+
+
+def tensorboard_scalars(out: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    (text_event,) = acc.Tensors("config/text_summary")
+    return scalars, text_event.tensor_proto.string_val[0].decode()
+
+
+def mlflow_run(out: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = (out / "mlruns").absolute().as_uri()
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["rayapp"], output_format="list")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    client = MlflowClient(tracking_uri=uri)
+    return runs[0], client
+
+
+def wandb_runs(out: Path) -> list[dict]:
+    return [read_run(d) for d in sorted((out / "wandb").glob("offline-run-*"))]
+
+
+def test_every_tracker_holds_every_series_the_config_and_the_report(tmp_path, tracking_env):
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 5))
+    (out / "report.html").write_text("<html>report</html>")
+    with Trackers(["tensorboard", "mlflow", "wandb"], out, "sft_track", CONFIG) as t:
+        assert t.sync_metrics() == 5
+        assert t.sync_metrics() == 0  # each step once
+        t.log_artifact(out / "report.html")
+
+    scalars, config_text = tensorboard_scalars(out)
+    assert set(scalars) == {"epoch", "loss", "lr", "units", "val_loss"}
+    assert scalars["loss"] == [(s, pytest.approx(3.0 / s)) for s in range(1, 6)]
+    assert scalars["val_loss"] == [(4, 0.5)]
+    assert "learning_rate: 0.0001" in config_text
+
+    run, client = mlflow_run(out)
+    assert run.info.run_name == "sft_track" and run.info.status == "FINISHED"
+    assert run.data.params["train.learning_rate"] == "0.0001"
+    assert run.data.params["model.path"] == "tiny" and run.data.params["stop"] == '["\\n"]'
+    assert run.data.params["adapter"] == "null"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, pytest.approx(3.0 / s)) for s in range(1, 6)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["report.html"]
+    assert Path(client.download_artifacts(run.info.run_id, "report.html", str(tmp_path))).read_text() == "<html>report</html>"
+
+    (wb,) = wandb_runs(out)
+    assert [h["_step"] for h in wb["history"]] == [1, 2, 3, 4, 5]
+    assert [h["loss"] for h in wb["history"]] == pytest.approx([3.0 / s for s in range(1, 6)])
+    assert wb["history"][3]["val_loss"] == 0.5
+    assert wb["config"]["train"] == {"learning_rate": 1.0e-4, "global_batch_size": 8}
+    assert wb["artifacts"] == ["sft_track-report.html"] and wb["exit_code"] == 0
+
+    state = json.loads((out / "tracking.json").read_text())
+    assert state["last_step"] == 5 and state["wandb"]["mode"] == "offline"
+    assert state["mlflow"]["run_id"] == run.info.run_id
+
+
+def test_a_rerun_continues_the_same_runs_with_the_steps_after(tmp_path, tracking_env):
+    """A job re-run on the same output_dir (resuming from a checkpoint) adds to the same MLflow run,
+    TensorBoard directory and W&B run id, without sending a step twice."""
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 5))
+    with Trackers(["tensorboard", "mlflow", "wandb"], out, "sft_track", CONFIG) as t:
+        t.sync_metrics()
+    # The re-run resumed from the checkpoint at step 4: metrics.jsonl was cut there and grew again.
+    write_metrics(out, rows(1, 4) + rows(5, 8))
+    changed = dict(CONFIG, train={"learning_rate": 1.0e-4, "global_batch_size": 8, "max_steps": 8})
+    with Trackers(["tensorboard", "mlflow", "wandb"], out, "sft_track", changed) as t:
+        assert t.sync_metrics() == 3
+
+    scalars, _ = tensorboard_scalars(out)
+    assert [s for s, _ in scalars["loss"]] == list(range(1, 9))
+    run, client = mlflow_run(out)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 9))
+    assert run.data.params["train.max_steps"] == "8"
+    first, second = wandb_runs(out)
+    assert first["id"] == second["id"]
+    assert [h["_step"] for h in first["history"]] == [1, 2, 3, 4, 5]
+    assert [h["_step"] for h in second["history"]] == [6, 7, 8]
+
+
+def test_follow_forwards_rows_while_training_runs(tmp_path, tracking_env):
+    out = tmp_path / "job"
+    write_metrics(out, [])
+    with Trackers(["tensorboard"], out, "sft_track", CONFIG) as t:
+        with t.follow(every_s=0.05):
+            write_metrics(out, rows(1, 2), mode="a")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rows(3, 3)[0]))  # a row still being written: no newline yet
+            deadline = time.monotonic() + 10
+            while t.last_step < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert t.last_step == 2  # sent during the block, the half-written row not yet
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write("\n")
+        assert t.last_step == 3  # the rest at the end of the block
+    scalars, _ = tensorboard_scalars(out)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+
+
+def test_replay_backfills_a_finished_job(tmp_path, tracking_env):
+    import yaml
+
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 4))
+    (out / "config.resolved.yaml").write_text(yaml.safe_dump(CONFIG))
+    (out / "eval.json").write_text('{"val_loss": 0.5}')
+    assert replay_metrics(["mlflow"], out) == 4
+    run, client = mlflow_run(out)
+    assert run.info.run_name == "sft_track" and run.data.params["train.global_batch_size"] == "8"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["eval.json"]
+    assert replay_metrics(["mlflow"], out) == 0  # already there
+
+
+def test_a_failed_block_marks_the_runs_failed(tmp_path, tracking_env):
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 2))
+    with pytest.raises(RuntimeError, match="boom"):
+        with Trackers(["mlflow"], out, "sft_track", CONFIG) as t:
+            t.sync_metrics()
+            raise RuntimeError("boom")
+    run, _ = mlflow_run(out)
+    assert run.info.status == "FAILED"
+
+
+def test_missing_library_is_named(tmp_path, tracking_env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(TrackingError) as e:
+        Trackers(["tensorboard", "wandb"], tmp_path / "job", "x", CONFIG)
+    assert "needs wandb, which is not installed" in str(e.value) and "pip install 'rayapp[track]'" in str(e.value)
+    assert not (tmp_path / "job" / "tensorboard").exists()  # nothing half-opened
+
+
+def test_only_rank_zero_tracks(tmp_path, tracking_env, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 2))
+    with Trackers(["tensorboard", "mlflow"], out, "x", CONFIG) as t:
+        assert t.sync_metrics() == 0
+        assert not t.log({"loss": 1.0}, 3)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_wandb_mode(tmp_path, tracking_env, monkeypatch):
+    assert wandb_mode() == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode() == "online"  # `wandb login` wrote the key
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.internal")
+    assert wandb_mode() == "offline"  # logged in elsewhere, not to this server
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_report_to_field():
+    class Job(BaseModel):
+        report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_DESCRIPTION)
+
+    assert Job().report_to == []
+    assert Job(report_to="mlflow").report_to == ["mlflow"]
+    assert Job(report_to="none").report_to == []
+    assert Job(report_to=["wandb", "tensorboard", "wandb"]).report_to == ["wandb", "tensorboard"]
+    with pytest.raises(ValidationError, match="'tensorboard', 'mlflow' or 'wandb'"):
+        Job(report_to=["comet"])
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": {}, "f": None}) == {"a.b": 1, "a.c.d": [1], "e": {}, "f": None}
+
+
+def test_tracking_imports_light():
+    code = (
+        "import sys, rayapp.tracking\n"
+        "heavy = {'mlflow', 'wandb', 'tensorboardX', 'tensorboard', 'torch', 'ray', 'yaml'}\n"
+        "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "heavy: []" in r.stdout, r.stdout + r.stderr
+
+
+def test_rayapp_track_backfills_from_the_command_line(tmp_path, tracking_env):
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 3))
+    r = subprocess.run([sys.executable, "-m", "rayapp.cli", "track", str(out), "--to", "tensorboard", "--name", "n"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{out}: 3 new metrics rows sent to tensorboard"
+    scalars, _ = tensorboard_scalars(out)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    r = subprocess.run([sys.executable, "-m", "rayapp.cli", "track", str(tmp_path), "--to", "mlflow"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl here; give the output_dir of a training job"
