@@ -119,6 +119,10 @@ def test_submit_follow_succeeds_and_writes_outputs(private_head, tmp_path):
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     status = rayapp("jobs", "status", job_id, "--address", private_head.dashboard)
     assert f"{job_id}: SUCCEEDED" in status.stdout and "rayapp.cli run jobs/sft_tiny.yaml" in status.stdout
+    # How far it got, from the output_dir recorded at submission (readable here: same machine).
+    progress = [line for line in status.stdout.splitlines() if line.startswith("progress: ")]
+    assert len(progress) == 1 and progress[0].startswith("progress: step 16/16, loss "), status.stdout
+    assert progress[0].endswith(", finished"), status.stdout
     logs = rayapp("jobs", "logs", job_id, "--address", private_head.dashboard)
     assert "sft_tiny" in logs.stdout and "output_dir" in logs.stdout
 
