@@ -137,6 +137,7 @@ def _read_state(path: Path) -> dict:
 
 class _TensorBoard:
     name = "tensorboard"
+    last_step = 0
 
     def __init__(self, out: Path, run_name: str, config: dict, state: dict):
         from tensorboardX import SummaryWriter
@@ -169,6 +170,7 @@ class _TensorBoard:
 
 class _MLflow:
     name = "mlflow"
+    last_step = 0
 
     def __init__(self, out: Path, run_name: str, config: dict, state: dict):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").absolute().as_uri()
@@ -253,6 +255,7 @@ def wandb_mode() -> str:
 
 class _WandB:
     name = "wandb"
+    last_step = 0
 
     def __init__(self, out: Path, run_name: str, config: dict, state: dict):
         import wandb
@@ -294,28 +297,38 @@ class Trackers:
     """The runs of every tracker in ``report_to`` for one job, on the driver.
 
     ``Trackers(report_to, output_dir, run_name, config)`` opens them (a rank other than 0 gets a
-    no-op); ``log(metrics, step)`` sends one step's numbers; ``sync_metrics()`` sends the rows of
+    no-op) and fails fast with a TrackingError (library missing, server unreachable) before any
+    training; ``log(metrics, step)`` sends one step's numbers; ``sync_metrics()`` sends the rows of
     ``output_dir/metrics.jsonl`` not sent yet; ``follow()`` does that in a thread while a block
     runs; ``log_artifact(path)``; ``close()`` (or use it as a context manager: a failed block marks
     the runs failed). ``config`` is the resolved job config as a dict (``cfg.model_dump(mode="json")``).
+
+    Once open, a tracker that fails (a server gone away) never fails the job: a warning says so
+    once, that tracker gets nothing more, and ``rayapp track OUTPUT_DIR --to NAME`` later sends it
+    what it missed (the last step each tracker got is kept per tracker in tracking.json).
     """
 
     def __init__(self, report_to: list[str], output_dir: str | os.PathLike, run_name: str,
                  config: dict | None = None):
         self.output_dir = Path(output_dir)
         self.names = tuple(dict.fromkeys(report_to)) if _rank() == 0 else ()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._open: list = []
         self._state_path = self.output_dir / STATE_FILE
         self.state: dict = _read_state(self._state_path)
-        self.last_step = int(self.state.get("last_step", 0))
         if not self.names:
             return
         check_report_to(list(self.names))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
             for name in self.names:
-                self._open.append(TRACKERS[name](self.output_dir, run_name, config or {}, self.state))
+                try:
+                    tracker = TRACKERS[name](self.output_dir, run_name, config or {}, self.state)
+                except Exception as e:
+                    raise TrackingError(f"report_to: {name}: could not start a run ({type(e).__name__}: "
+                                        f"{_first_line(e)}){_HINTS.get(name, '')}") from e
+                tracker.last_step = int((self.state.get("last_step") or {}).get(name, 0))
+                self._open.append(tracker)
         except BaseException:
             self.close(failed=True)
             raise
@@ -327,23 +340,48 @@ class Trackers:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
 
+    @property
+    def last_step(self) -> int:
+        """The last step every open tracker has got."""
+        with self._lock:
+            return min((t.last_step for t in self._open), default=0)
+
     def _save_state(self) -> None:
-        self.state["last_step"] = self.last_step
+        steps = self.state.setdefault("last_step", {})
+        for tracker in self._open:
+            steps[tracker.name] = tracker.last_step
         tmp = self._state_path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self._state_path)
 
+    def _each(self, what: str, call) -> None:
+        """call(tracker) for every open tracker; one that raises is warned about and dropped."""
+        for tracker in list(self._open):
+            try:
+                call(tracker)
+            except Exception as e:
+                self._open.remove(tracker)
+                print(f"warning: {tracker.name}: {what} failed ({type(e).__name__}: {_first_line(e)}); sending nothing "
+                      f"more to it. When it works again: rayapp track {self.output_dir} --to {tracker.name}",
+                      file=sys.stderr, flush=True)
+
     def log(self, metrics: dict, step: int) -> bool:
-        """Send the numbers of ``metrics`` at ``step``; a step at or before the last one sent is
-        skipped (returns False): trackers keep each step once, in order."""
+        """Send the numbers of ``metrics`` at ``step`` to the trackers that have not had it; each
+        tracker keeps each step once, in order. Returns whether any tracker got it."""
         values = numeric_metrics(metrics)
-        with self._lock:
-            if not self._open or step <= self.last_step or not values:
-                return False
-            for tracker in self._open:
+        if not values:
+            return False
+        sent = []
+
+        def send(tracker) -> None:
+            if step > tracker.last_step:
                 tracker.log(values, step)
-            self.last_step = step
-            return True
+                tracker.last_step = step
+                sent.append(tracker)
+
+        with self._lock:
+            self._each(f"logging step {step}", send)
+        return bool(sent)
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         """A file or directory (report.html, eval.json) for the trackers that keep artifacts."""
@@ -351,22 +389,20 @@ class Trackers:
         if not path.exists():
             raise TrackingError(f"artifact {path}: no such file")
         with self._lock:
-            for tracker in self._open:
-                tracker.log_artifact(path)
+            self._each(f"storing {path.name}", lambda t: t.log_artifact(path))
 
     def sync_metrics(self, metrics_path: str | os.PathLike | None = None) -> int:
-        """Send every complete row of metrics.jsonl after the last step sent; return how many."""
+        """Send every complete row of metrics.jsonl that some tracker has not had; return how many."""
         path = Path(metrics_path) if metrics_path else self.output_dir / "metrics.jsonl"
         if not self._open or not path.exists():
             return 0
         sent = 0
-        for row in _complete_rows(path):
-            step = row.get("step")
-            if isinstance(step, int) and self.log(row, step):
-                sent += 1
         with self._lock:
-            for tracker in self._open:
-                tracker.flush()
+            for row in _complete_rows(path):
+                step = row.get("step")
+                if isinstance(step, int) and self.log(row, step):
+                    sent += 1
+            self._each("flushing", lambda t: t.flush())
             self._save_state()
         return sent
 
@@ -375,15 +411,14 @@ class Trackers:
         """While the block runs, forward new metrics.jsonl rows every ``every_s`` seconds; at its end,
         the rest. For the driver around the training launch."""
         stop = threading.Event()
-        errors: list[BaseException] = []
 
         def loop() -> None:
             while not stop.wait(every_s):
                 try:
                     self.sync_metrics(metrics_path)
-                except Exception as e:  # a tracker failing must not stop training; reported at the end
-                    errors.append(e)
-                    return
+                except Exception as e:  # reading metrics.jsonl; training goes on, the end syncs again
+                    print(f"warning: following metrics for the trackers: {type(e).__name__}: {_first_line(e)}",
+                          file=sys.stderr, flush=True)
 
         thread = threading.Thread(target=loop, name="rayapp-trackers", daemon=True)
         thread.start()
@@ -392,17 +427,43 @@ class Trackers:
         finally:
             stop.set()
             thread.join()
-            if errors:
-                print(f"warning: experiment tracking stopped following metrics: {errors[0]!r}", file=sys.stderr)
             self.sync_metrics(metrics_path)
 
     def close(self, failed: bool = False) -> None:
         with self._lock:
-            trackers, self._open = self._open, []
-        for tracker in trackers:
-            tracker.close(failed)
-        if trackers:
+            if not self._open:
+                return
             self._save_state()
+            self._each("closing the run", lambda t: t.close(failed))
+            self._open = []
+
+
+_HINTS = {
+    "mlflow": "; check MLFLOW_TRACKING_URI (unset it for a file store in output_dir/mlruns)",
+    "wandb": "; check WANDB_MODE / `wandb login`, or set WANDB_MODE=offline",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else "no detail"
+
+
+@contextmanager
+def track_job(cfg, artifacts: tuple[str, ...] = ("report.html", "eval.json")):
+    """The trackers of a job config (``cfg.report_to``; none when the field is absent or empty),
+    following metrics.jsonl while the block runs; on success the ``artifacts`` the job left in
+    output_dir are stored too. A recipe wraps its launch and its ending in it:
+
+        with track_job(cfg):
+            launch(...)
+            summary = finish(cfg, ...)
+    """
+    report_to = list(getattr(cfg, "report_to", None) or [])
+    with Trackers(report_to, cfg.output_dir, cfg.name, cfg.model_dump(mode="json")) as trackers, trackers.follow():
+        yield trackers
+        for name in artifacts:
+            if (Path(cfg.output_dir) / name).exists():
+                trackers.log_artifact(Path(cfg.output_dir) / name)
 
 
 def _complete_rows(path: Path):

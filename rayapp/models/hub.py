@@ -71,9 +71,12 @@ class ResolvedModel:
 
     @property
     def pinned_ref(self) -> str:
-        """A reference that names exactly these weights anywhere: ``ORG/NAME@<commit>`` for a Hub model
-        (hand this to workers and engines on other nodes), else the absolute local path."""
-        return f"{self.repo_id}@{self.revision}" if self.source == "hub" else str(self.path)
+        """A reference that names exactly these weights on any node, to hand to workers and engines:
+        ``ORG/NAME@<commit>`` for a Hub model (read from that node's cache, or fetched at that commit);
+        the name of a built-in model (built the same way on every node); a directory's absolute path."""
+        if self.source == "hub":
+            return f"{self.repo_id}@{self.revision}"
+        return self.ref if self.source == "builtin" else str(self.path)
 
     def record(self) -> dict:
         """What config.resolved.yaml keeps about this model: the local path, and for a Hub model the

@@ -146,7 +146,8 @@ def test_default_cache_is_huggingface_hubs_own(hf_cache, monkeypatch):
 def test_paths_and_builtins_are_not_hub_ids(tmp_path, hf_cache, tiny_model_dir):
     with pytest.raises(ModelError, match="no such directory, and not a built-in model .* or a Hugging Face Hub id"):
         resolve_model("outputs/nothing/model")
-    assert resolve_model_info("tiny").source == "builtin"
+    tiny = resolve_model_info("tiny")
+    assert tiny.source == "builtin" and tiny.pinned_ref == "tiny" and tiny.path == tiny_model_dir
     # A directory is looked at before the Hub, even when its name reads as an id.
     local = tmp_path / "acme" / "tiny-chat"
     shutil.copytree(tiny_model_dir, local)

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from rayapp.config.base import REPORT_TO_DESCRIPTION, ReportTo
-from rayapp.tracking import Trackers, TrackingError, flatten, replay_metrics, wandb_mode
+from rayapp.tracking import Trackers, TrackingError, flatten, replay_metrics, track_job, wandb_mode
 from tests.conftest import ROOT
 from tests.wandb_reader import read_run
 
@@ -108,7 +108,7 @@ def test_every_tracker_holds_every_series_the_config_and_the_report(tmp_path, tr
     assert wb["artifacts"] == ["sft_track-report.html"] and wb["exit_code"] == 0
 
     state = json.loads((out / "tracking.json").read_text())
-    assert state["last_step"] == 5 and state["wandb"]["mode"] == "offline"
+    assert state["last_step"] == {"tensorboard": 5, "mlflow": 5, "wandb": 5} and state["wandb"]["mode"] == "offline"
     assert state["mlflow"]["run_id"] == run.info.run_id
 
 
@@ -169,6 +169,31 @@ def test_replay_backfills_a_finished_job(tmp_path, tracking_env):
     assert replay_metrics(["mlflow"], out) == 0  # already there
 
 
+def test_track_job_wraps_a_recipe(tmp_path, tracking_env):
+    """What a recipe does: the config's report_to, metrics followed during the launch, the report
+    and eval.json stored at the end; a config without report_to tracks nothing."""
+    from rayapp.config.base import StrictModel
+
+    class Job(StrictModel):
+        name: str = "sft_track"
+        output_dir: str
+        report_to: ReportTo = []
+
+    out = tmp_path / "job"
+    with track_job(Job(output_dir=str(out), report_to=["mlflow"])):
+        write_metrics(out, rows(1, 3))  # the training
+        (out / "report.html").write_text("<html/>")  # the ending
+        (out / "eval.json").write_text("{}")
+    run, client = mlflow_run(out)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["eval.json", "report.html"]
+    assert run.data.params["report_to"] == '["mlflow"]' and run.info.status == "FINISHED"
+    plain = tmp_path / "plain"
+    with track_job(Job(output_dir=str(plain))) as t:
+        write_metrics(plain, rows(1, 2))
+    assert t.names == () and sorted(p.name for p in plain.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_failed_block_marks_the_runs_failed(tmp_path, tracking_env):
     out = tmp_path / "job"
     write_metrics(out, rows(1, 2))
@@ -178,6 +203,46 @@ def test_a_failed_block_marks_the_runs_failed(tmp_path, tracking_env):
             raise RuntimeError("boom")
     run, _ = mlflow_run(out)
     assert run.info.status == "FAILED"
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_backfilled_later(tmp_path, tracking_env, monkeypatch, capsys):
+    from rayapp import tracking
+
+    out = tmp_path / "job"
+    write_metrics(out, rows(1, 2))
+    real_log = tracking._MLflow.log
+
+    def server_gone(self, metrics, step):
+        if step >= 3:
+            raise ConnectionError("mlflow server went away")
+        real_log(self, metrics, step)
+
+    monkeypatch.setattr(tracking._MLflow, "log", server_gone)
+    with Trackers(["tensorboard", "mlflow"], out, "sft_track", CONFIG) as t:
+        assert t.sync_metrics() == 2
+        write_metrics(out, rows(3, 5), mode="a")
+        assert t.sync_metrics() == 3  # tensorboard got them; mlflow failed at step 3 and was dropped
+    err = capsys.readouterr().err
+    assert err.count("warning: mlflow: logging step 3 failed (ConnectionError: mlflow server went away)") == 1
+    assert f"rayapp track {out} --to mlflow" in err
+    assert json.loads((out / "tracking.json").read_text())["last_step"] == {"tensorboard": 5, "mlflow": 2}
+    # The server is back: the backfill sends mlflow the steps it missed, into the same run.
+    monkeypatch.setattr(tracking._MLflow, "log", real_log)
+    assert replay_metrics(["mlflow"], out, artifacts=()) == 3
+    run, client = mlflow_run(out)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+
+
+def test_a_tracker_that_cannot_start_fails_before_training(tmp_path, tracking_env, monkeypatch):
+    from rayapp import tracking
+
+    def refuse(self, *args):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(tracking._MLflow, "__init__", refuse)
+    with pytest.raises(TrackingError, match=r"report_to: mlflow: could not start a run \(ConnectionRefusedError: "
+                                            r"\[Errno 111\] Connection refused\); check MLFLOW_TRACKING_URI"):
+        Trackers(["tensorboard", "mlflow"], tmp_path / "job", "x", CONFIG)
 
 
 def test_missing_library_is_named(tmp_path, tracking_env, monkeypatch):
