@@ -144,9 +144,10 @@ class _TensorBoard:
 
         self.logdir = out / "tensorboard"
         # tensorboardX names event files by the second and host: a suffix keeps two writers of the same
-        # second (a quick re-run) from truncating each other's file.
+        # second (a quick re-run) from truncating each other's file, and sorts them in the order they
+        # were written, which is the order TensorBoard reads them in.
         self.writer = SummaryWriter(logdir=str(self.logdir), flush_secs=5,
-                                    filename_suffix=f".{os.getpid()}.{secrets.token_hex(3)}")
+                                    filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
         if not state.get("tensorboard"):
             import yaml
 
