@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -58,14 +59,31 @@ def read_records(path: Path):
         yield record
 
 
-def read_run(run_dir: Path) -> dict:
-    """{'id', 'history': [{'_step': ..., key: value}], 'config': {...}, 'artifacts': [names], 'exit_code'}."""
+def read_run(run_dir: Path, wait_s: float = 30.0) -> dict:
+    """{'id', 'history': [{'_step': ..., key: value}], 'config': {...}, 'artifacts': [names], 'exit_code'}.
+
+    ``run.finish()`` can return before wandb's core process has written the end of the file (seen
+    under load): read again until the run's exit record is there, for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _read_run_once(run_dir)
+        except AssertionError:  # a record still being written
+            run = None
+        if run is not None and run["exit_code"] is not None:
+            return run
+        if time.monotonic() > deadline:
+            return run if run is not None else _read_run_once(run_dir)
+        time.sleep(0.2)
+
+
+def _read_run_once(run_dir: Path) -> dict:
     (path,) = Path(run_dir).glob("run-*.wandb")
     out: dict = {"history": [], "config": {}, "artifacts": [], "exit_code": None, "id": None}
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["id"] = record.run.run_id
+        if kind == "run":  # the run's start; wandb may write more run records later (updates)
+            out["id"] = out["id"] or record.run.run_id or None
             for item in record.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":

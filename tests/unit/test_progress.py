@@ -154,3 +154,19 @@ def test_configured_output_dir_is_as_written(tmp_path, text, overrides, expected
     job = tmp_path / "job.yaml"
     job.write_text(text)
     assert configured_output_dir(job, overrides) == expected
+
+
+def test_status_and_hub_modules_import_light():
+    """`rayapp jobs status` and model-reference parsing start no heavy library."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, rayapp.progress, rayapp.jobs, rayapp.models.hub\n"
+        "heavy = {'ray', 'torch', 'transformers', 'vllm', 'huggingface_hub', 'pyarrow', 'mlflow', 'wandb'}\n"
+        "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "heavy: []" in r.stdout, r.stdout + r.stderr

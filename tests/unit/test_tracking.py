@@ -131,7 +131,7 @@ def test_a_rerun_continues_the_same_runs_with_the_steps_after(tmp_path, tracking
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 9))
     assert run.data.params["train.max_steps"] == "8"
     first, second = wandb_runs(out)
-    assert first["id"] == second["id"]
+    assert first["id"] == second["id"], (first, second)
     assert [h["_step"] for h in first["history"]] == [1, 2, 3, 4, 5]
     assert [h["_step"] for h in second["history"]] == [6, 7, 8]
 
