@@ -282,16 +282,25 @@ class RequestLimitsMiddleware:
 _RAY_WRAPPED = re.compile(r"^Message: (?P<text>.*?)(?: \(Request ID: [^)]*\))?, Internal exception: ", re.S)
 _VLLM_PARAM = re.compile(r" \(parameter=(?P<param>[\w.]+), value=[^)]*\)")
 _PYDANTIC_LOC = re.compile(r"^Invalid request format: (?P<text>.*) at \('body', (?P<loc>.*)\)$", re.S)
+# Ray's words for a call to an actor (here: the LLM replica) that died or went away mid-request.
+_REPLICA_GONE = re.compile(r"actor (is dead|died)|ActorDiedError|ActorUnavailableError|RayActorError|"
+                           r"actor is unavailable", re.I)
 ROUTES = "GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions"
 
 
-def openai_error(status: int, payload, method: str, path: str) -> dict:
-    """Rewrite an error response body (FastAPI's ``{"detail": ...}``, ray.serve.llm's wrapped vLLM
-    error, its validation error, or plain text) into OpenAI's shape, with a message a person can act on."""
+def openai_error(status: int, payload, method: str, path: str) -> tuple[int, dict]:
+    """(status, body): an error response body (FastAPI's ``{"detail": ...}``, ray.serve.llm's wrapped
+    vLLM error, its validation error, or plain text) rewritten into OpenAI's shape, with a message a
+    person can act on. A 500 caused by the model's replica dying becomes a 503 that says to retry."""
     param, code = None, None
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         err = payload["error"]
         message = str(err.get("message") or "")
+        if status == 500 and _REPLICA_GONE.search(message):
+            return 503, {"error": {
+                "message": "the model's replica stopped while serving this request; Ray Serve is starting a new "
+                           "one: retry in a few seconds", "type": "server_error", "param": None,
+                "code": "replica_unavailable"}}
         param = err.get("param") if isinstance(err.get("param"), str) else None
         code = err.get("code")
         if err.get("type") == "InvalidModel":
@@ -328,8 +337,8 @@ def openai_error(status: int, payload, method: str, path: str) -> dict:
             param = "messages" if path.endswith("/chat/completions") else "prompt"
     if status >= 500 and not message:
         message = "internal server error"
-    return {"error": {"message": message.strip() or f"HTTP {status}", "type": error_type(status),
-                      "param": param, "code": code if isinstance(code, str) else None}}
+    return status, {"error": {"message": message.strip() or f"HTTP {status}", "type": error_type(status),
+                              "param": param, "code": code if isinstance(code, str) else None}}
 
 
 class OpenAIErrorMiddleware:
@@ -361,12 +370,14 @@ class OpenAIErrorMiddleware:
                     payload = json.loads(raw)
                 except (ValueError, RecursionError):
                     payload = raw.decode("utf-8", "replace")
-                body = json.dumps(openai_error(start["status"], payload, scope.get("method", ""),
-                                               scope.get("path", ""))).encode()
+                status, error = openai_error(start["status"], payload, scope.get("method", ""), scope.get("path", ""))
+                body = json.dumps(error).encode()
                 headers = [(k, v) for k, v in start.get("headers", [])
                            if k.lower() not in (b"content-length", b"content-type")]
-                await send({**start, "headers": headers + [(b"content-type", b"application/json"),
-                                                           (b"content-length", str(len(body)).encode())]})
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                if status == 503:
+                    headers.append((b"retry-after", b"5"))
+                await send({**start, "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, send_wrapper)

@@ -46,6 +46,11 @@ RAY_MODEL_DATA_ERROR = {"error": {
 RAY_INTERNAL_ERROR = {"error": {"message": "Message: Internal Server Error (Request ID: 1), Internal exception: "
                                            "Internal Server Error (Request ID: 1), original exception: boom",
                                 "type": "InternalServerError", "param": None, "code": 500}}
+# What ray.serve.llm's get_response_for_error makes of a ray.exceptions.ActorDiedError (the LLM replica killed).
+RAY_REPLICA_DIED = {"error": {"message": "Message: Internal Server Error (Request ID: rid), Internal exception: "
+                                         "Internal Server Error (Request ID: rid), original exception: The actor "
+                                         "died unexpectedly before finishing this task.",
+                              "type": "InternalServerError", "param": None, "code": 500}}
 
 
 def fake_ingress(seen: list) -> FastAPI:
@@ -212,6 +217,14 @@ def test_ray_serve_llm_errors_are_rewritten(client, answer, status, param, code,
     body = {"model": "m", "prompt": "hi", "answer": {"status": status, "body": answer}}
     err = assert_openai_error(http.post("/v1/completions", json=body), status, param, code, *needles)
     assert "(parameter=" not in err["message"]
+
+
+def test_a_dead_replica_is_a_503_that_says_to_retry(client):
+    http, _ = client
+    resp = http.post("/v1/completions", json={"model": "m", "prompt": "hi",
+                                              "answer": {"status": 500, "body": RAY_REPLICA_DIED}})
+    assert_openai_error(resp, 503, None, "replica_unavailable", "replica stopped", "retry")
+    assert resp.headers["retry-after"] == "5"
 
 
 def test_context_error_on_chat_names_messages(client):
