@@ -7,12 +7,23 @@ missing key should have been.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Adapter sizes the managed service offers; other positive ranks are allowed too.
 VERTEX_ADAPTER_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower().rstrip(".") in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a public address
 
 
 class StrictModel(BaseModel):
@@ -142,6 +153,10 @@ class DeployConfig(StrictModel):
     max_num_seqs: int = Field(64, gt=0, description="Requests one replica's engine batches together.")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per replica on CPU (VLLM_CPU_KVCACHE_SPACE).")
     route_prefix: str = Field("/", description="URL prefix of the app on the Serve proxy (one app per prefix).")
+    max_n: int = Field(8, gt=0, description="Most completions one request may ask for: n (or best_of) times the number of prompts; more is a 400.")
+    max_tokens_limit: int = Field(2048, gt=0, description="Most tokens one completion may ask for (max_tokens / max_completion_tokens; more is a 400); a chat request without either gets this cap.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (default 1 MiB); a larger one is refused with a 413 before it is parsed.")
+    allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback deploy.host without an API key (anyone who reaches the port may call the model).")
 
     @model_validator(mode="after")
     def _check_replicas(self) -> DeployConfig:
@@ -151,6 +166,18 @@ class DeployConfig(StrictModel):
                 f"({self.max_replicas}); raise max_replicas or lower min_replicas"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_exposure(self) -> DeployConfig:
+        if is_loopback(self.host) or self.api_key_env or self.api_key_file or self.allow_unauthenticated:
+            return self
+        raise ValueError(
+            f"deploy.host: {self.host} serves other machines, and no API key is set (deploy.api_key_env / "
+            f"deploy.api_key_file): anyone who reaches the port could call the model. Set a key, e.g. "
+            f"`export MY_KEY=$(openssl rand -hex 32)` and deploy.api_key_env: MY_KEY (rayapp deploy --api-key-env "
+            f"MY_KEY); or keep deploy.host: 127.0.0.1; or set deploy.allow_unauthenticated: true "
+            f"(--allow-unauthenticated) to serve it open on purpose"
+        )
 
 
 class EngineConfig(StrictModel):
