@@ -122,6 +122,10 @@ def numeric_metrics(row: dict) -> dict[str, float]:
 
 
 def _rank() -> int:
+    """This process's rank in a torch.distributed group (without importing torch), else $RANK; 0 outside one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     for var in ("RANK", "WORLD_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])

@@ -4,6 +4,7 @@ MLflow's search_runs / MlflowClient, and the offline W&B run file (tests/wandb_r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -316,3 +317,24 @@ def test_rayapp_track_backfills_from_the_command_line(tmp_path, tracking_env):
     r = subprocess.run([sys.executable, "-m", "rayapp.cli", "track", str(tmp_path), "--to", "mlflow"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl here; give the output_dir of a training job"
+
+
+def test_only_rank_zero_of_a_process_group_tracks(tmp_path, tracking_env):
+    """Inside a torch.distributed group (Ray Train workers), ranks other than 0 get a no-op."""
+    code = """
+import os, sys, torch.distributed as dist
+from rayapp.tracking import Trackers
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=rank, world_size=2)
+t = Trackers(["tensorboard"], os.path.join(sys.argv[2], str(rank)), "x", {})
+print(rank, t.names)
+t.close()
+dist.destroy_process_group()
+"""
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(tmp_path), str(store)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+             for r in (0, 1)]
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outs == ["0 ('tensorboard',)", "1 ()"], outs
+    assert (tmp_path / "0" / "tensorboard").is_dir() and not (tmp_path / "1").exists()
