@@ -14,8 +14,8 @@ W&B mode: ``$WANDB_MODE`` when set; else ``online`` when this machine is logged 
 (``$WANDB_API_KEY``, ``$WANDB_IDENTITY_TOKEN_FILE`` or a .netrc entry for the W&B host, which is
 what ``wandb login`` writes), else ``offline``: ``wandb sync output_dir/wandb/offline-run-*``
 uploads the run later. MLflow's file store is in maintenance mode since MLflow 3.7 and refuses to
-open unless ``MLFLOW_ALLOW_FILE_STORE=true``; rayapp sets that (for its own default store only),
-because plain files in output_dir work on a shared mount and need no database. To open it:
+open unless ``MLFLOW_ALLOW_FILE_STORE=true``; rayapp sets that when the store is a file store
+(its default), because plain files in output_dir work on a shared mount and need no database. To open it:
 ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri outputs/JOB/mlruns`` (the UI is in
 the full ``mlflow`` package), or point ``MLFLOW_TRACKING_URI`` at a server or ``sqlite:///...``.
 
@@ -27,7 +27,10 @@ re-run that resumes from a checkpoint continues the same runs (MLflow run, W&B r
 the same TensorBoard directory) with the steps after it. Rows of steps a killed attempt already
 sent are not sent again (W&B refuses steps that go back), so after a resume the trackers keep the
 killed attempt's values for the steps between the checkpoint and the kill; metrics.jsonl has the
-re-run's. :func:`replay_metrics` backfills a finished job's output_dir the same way.
+re-run's. Offline, each such process writes its own ``offline-run-*`` directory under the same W&B
+run id, which ``wandb sync`` uploads in turn (not tried here: these machines have no network).
+:func:`replay_metrics` (``rayapp track``) backfills a finished job's output_dir the same way.
+The driver reads metrics.jsonl from output_dir, so it must see it: a local path or a shared mount.
 
 Nothing heavy is imported with this module: each library only when its tracker opens.
 """
@@ -58,7 +61,6 @@ REQUIREMENTS = {
     "wandb": ("wandb", "wandb"),
 }
 MLFLOW_PARAM_MAX = 6000  # characters MLflow keeps of a param value
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class TrackingError(UserError, RuntimeError):
