@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rayapp.data.tokenize import IGNORE_INDEX, Encoded
+from rayapp.algorithms import IGNORE_INDEX
+from rayapp.data.tokenize import Encoded
 
 
 def collate_sft(examples: Sequence[Encoded], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:

@@ -100,7 +100,7 @@ def collate_rollouts(rollouts: list[dict], pad_id: int) -> dict:
     response tokens only (-100 elsewhere), so token_logps gives (B, T-1) response log-probs."""
     import torch
 
-    from rayapp.data.tokenize import IGNORE_INDEX
+    from rayapp.algorithms import IGNORE_INDEX
 
     longest = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
     b = len(rollouts)

@@ -27,7 +27,7 @@ def reward_endpoint(tiny_model_dir, tmp_path_factory):
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import load_reward_model, save_reward_model
     from rayapp.serving import local_head
-    from rayapp.serving.reward import deploy_reward_model
+    from rayapp.serving.deploy import deploy_reward_model
 
     tmp = tmp_path_factory.mktemp("reward")
     tok = load_tokenizer(str(tiny_model_dir))
