@@ -297,3 +297,71 @@ def test_teacher_cache_key_changes_when_the_teacher_is_retrained_in_place(tmp_pa
     weights.write_bytes(b"new weights")
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     assert fingerprint(model_stamp(str(tmp_path)), "template", ["What is 1 + 2?"]) != before
+
+
+# -- teacher settings that must be honoured --------------------------------------------------------
+
+def test_teacher_rationales_parse_answers_as_the_jobs_task_type():
+    """teacher.rationales.task_type follows task_type (templates and the rationale parser use it);
+    a different value is refused, naming both fields."""
+    cfg = load_job_dict(_job(task_type="choice"))
+    assert cfg.teacher.rationales.task_type == "choice"
+    with pytest.raises(ConfigError, match=r"teacher.rationales.task_type \(yesno\) differs from task_type \(number\)"):
+        load_job_dict(_job(teacher={"rationales": {"task_type": "yesno"}}))
+    assert load_job_dict(_job(teacher={"rationales": {"task_type": "number"}})).teacher.rationales.task_type == "number"
+
+
+def test_self_consistency_needs_sampling_in_distill_too():
+    """As for kind: batch: n rationales per question at temperature 0 are n copies."""
+    with pytest.raises(ConfigError, match="teacher.rationales.self_consistency_n is 3 but teacher.sampling.temperature is 0"):
+        load_job_dict(_job(teacher={"rationales": {"self_consistency_n": 3}}))
+    cfg = load_job_dict(_job(teacher={"rationales": {"self_consistency_n": 3}, "sampling": {"temperature": 0.7}}))
+    assert cfg.teacher.rationales.self_consistency_n == 3
+
+
+class _RecordingTeacher:
+    """A Generator that answers every prompt with 'ok' and keeps what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def generate(self, prompts, sampling):
+        from rayapp.teachers import Completion
+
+        self.sent += prompts
+        return [Completion(text="ok", token_ids=[1], finish_reason="stop", prompt_index=i) for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("chat, expect_messages", [("auto", True), ("always", True), ("never", False)])
+def test_teacher_responses_follow_teacher_chat(tmp_path, chat, expect_messages):
+    """logits.responses: teacher sends prompts as user turns only when teacher.chat says so (the tiny
+    teacher has a chat template, so 'auto' uses it)."""
+    from rayapp.training.distill.teacher import teacher_responses
+
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "chat": chat}, logits={"responses": "teacher"}))
+    teacher = _RecordingTeacher()
+    assert teacher_responses(cfg, ["What is 2 + 3?"], tmp_path, pool=teacher) == ["ok"]
+    assert isinstance(teacher.sent[0], list) == expect_messages
+
+
+def test_logits_items_know_the_prompt_they_answer(tmp_path, tiny_tokenizer):
+    """On-policy GKD replaces the responses of sampled prompts: each item carries its prompt, also
+    when rows are dropped or split off for validation (no guessing from lengths)."""
+    from rayapp.training.distill import logits
+
+    rows = [{"input_text": f"What is {i} + 1?", "output_text": str(i + 1)} for i in range(6)]
+    rows.insert(2, {"input_text": "no answer"})  # a bad row, dropped
+    rows.append({"messages": [{"role": "user", "content": "chat question"}, {"role": "assistant", "content": "chat answer"}]})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny"}, data={"train": str(train), "on_bad_rows": "drop",
+                                                                              "validation_split": 0.25}))
+    data = logits.build_data(cfg, tiny_tokenizer, tmp_path, dry=True)
+    items = data.train + data.val
+    assert len(items) == 7 and len(data.val) == 2
+    for it in items:
+        text = tiny_tokenizer.decode(it.input_ids)
+        assert it.prompt in text
+        answer = tiny_tokenizer.decode([t for t in it.labels if t != -100])
+        expected = "chat answer" if it.prompt == "chat question" else str(int(it.prompt.split()[2]) + 1)
+        assert answer.startswith(expected)
