@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from rayapp.config.batch import BatchJobConfig
 from rayapp.config.loader import write_resolved_config
 from rayapp.data.readers import read_jsonl, read_rows, write_jsonl_atomic
 from rayapp.errors import UserError
+from rayapp.fileio import write_text_atomic
 from rayapp.teachers import Completion
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,7 @@ def check_manifest(out: Path, new: dict, restart_on_change: bool = False) -> Non
                 f"use a new output_dir, or delete {out} to start over"
             )
     if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(new, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(new, indent=1))
 
 
 # -- the work inside a replica -----------------------------------------------------------------

@@ -10,22 +10,17 @@ removed before the next job, keeping one engine up at a time.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]  # 4 jobs, 3 vLLM engine starts
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_kinds_serve_their_result_after_run_exits(tmp_path):
@@ -35,7 +30,7 @@ def test_training_kinds_serve_their_result_after_run_exits(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp_path / "local_cluster.json")
-    port = _free_port()
+    port = free_port()
 
     def run(job: str, name: str, *overrides: str) -> str:
         """`rayapp run` with deploy.enabled; returns the endpoint it printed, once the command has exited."""

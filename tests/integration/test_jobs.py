@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,11 @@ from pathlib import Path
 import pytest
 
 from rayapp.data.readers import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRayHead:
@@ -42,15 +35,15 @@ class LocalRayHead:
 
     def __init__(self, num_cpus: int = 8):
         self.temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths are length-limited
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         low = random.randrange(20000, 29000, 200)
         ports = {
-            "--port": _free_port(), "--dashboard-port": self.dashboard_port,
-            "--ray-client-server-port": _free_port(), "--node-manager-port": _free_port(),
-            "--object-manager-port": _free_port(), "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(), "--runtime-env-agent-port": _free_port(),
-            "--metrics-export-port": _free_port(), "--min-worker-port": low, "--max-worker-port": low + 199,
+            "--port": free_port(), "--dashboard-port": self.dashboard_port,
+            "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(), "--min-worker-port": low, "--max-worker-port": low + 199,
         }
         self.gcs_address = f"127.0.0.1:{ports['--port']}"
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -193,7 +186,7 @@ def test_state_mapping_and_address():
 def test_unreachable_address_is_a_user_error():
     from rayapp.errors import is_user_error
 
-    r = rayapp("jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}", timeout=120)
+    r = rayapp("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
     assert r.returncode == 1, r.stderr
     assert "cannot reach the Ray Jobs API" in r.stderr and "Traceback" not in r.stderr
     from rayapp import jobs

@@ -9,7 +9,14 @@ import torch
 
 from rayapp.config.base import TrainConfig
 from rayapp.data.readers import read_jsonl
-from rayapp.training.loop import LocalReporter, count_supervised, fit, global_batch_indices, lr_lambda, total_steps_for
+from rayapp.training.loop import (
+    LocalReporter,
+    count_supervised,
+    fit,
+    global_batch_indices,
+    lr_lambda,
+    total_steps_for,
+)
 from rayapp.training.sft import sft_loss
 
 
