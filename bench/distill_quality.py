@@ -9,8 +9,8 @@ Teacher (``--teacher model``, the default): a larger model (``--teacher-model``,
 4-layer Llama, random init) tuned in this process on worked answers of its labeled set ("4 - 1 = 3.
 3 - 7 = -4. So the answer is -4."), then served by the vLLM actor pool, which writes a rationale
 and a label for every pool question through the distill recipe's own teacher path
-(``rayapp.training.distill_teacher.teacher_rationales``; zero-shot, greedy, cached in
-``--work``). The students see only the teacher's labels and rationales, mistakes included; the
+(``rayapp.training.distill.teacher.teacher_rationales``, which runs the ``kind: batch`` code;
+zero-shot, greedy, cached in ``--work``). The students see only the teacher's labels and rationales, mistakes included; the
 gold answers of the pool are used only to report how often the teacher was right.
 ``--teacher oracle`` instead writes the partial sums programmatically (a teacher that is never
 wrong), to separate the method from the teacher's errors.
@@ -23,9 +23,9 @@ as the paper's reference code (``explain_target: rationale``, the rationale alon
 fine-tuning on the teacher's labels (``rationale_weight: 0``). Accuracy: greedy
 "predict: " answers on the held-out questions (the paper's inference mode); for the step-by-step
 student also "explain: " then the answer after "So the answer is" (the rationale task asked for
-at inference). Training goes through the recipe's own pieces (build_data, step_by_step_loss, the
-shared loop ``fit``) in one process; ``--ray`` runs the full recipe
-(``rayapp.training.distill.run``, 2 Ray Train workers) instead.
+at inference). Every student is trained by the distill recipe itself
+(``rayapp.training.distill.recipe.run``), its workers in this process (``in_process=True``:
+one worker, no Ray); ``--ray`` runs them on 2 Ray Train workers instead.
 
 Writes bench/results/distill_quality.json ({"ratio": step-by-step acc / standard acc at the
 smallest N, "target": 1.0, ...}), bench/results/distill_quality.png and distill_quality.html.
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -55,7 +56,7 @@ def make_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
     """n distinct questions not in ``exclude``: {input_text, gold, rationale} (the partial sums, "4 - 1 = 3. 3 - 7 = -4.")."""
     import reasoning_gym as rg
 
-    from rayapp.tasks import chain_rationale
+    from rayapp.data.dataset import chain_rationale
 
     ds = rg.create_dataset("chain_sum", size=8 * n + 400, seed=seed, min_terms=3, max_terms=3, min_digits=1, max_digits=1)
     rows, seen = [], set(exclude)
@@ -72,7 +73,7 @@ def make_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
 
 def worked_answer(row: dict) -> str:
     """What the teacher is tuned to write: '4 - 1 = 3. 3 - 7 = -4. So the answer is -4.'"""
-    from rayapp.teachers.templates import ANSWER_MARKER
+    from rayapp.data.formats import ANSWER_MARKER
 
     return f"{row['rationale']} {ANSWER_MARKER} {row['gold']}."
 
@@ -92,9 +93,9 @@ def train_teacher(rows: list[dict], work: Path, model: str, steps: int, lr: floa
     from rayapp.data.readers import write_jsonl_atomic
     from rayapp.data.sft import load_sft_dataset
     from rayapp.models.io import load_causal_lm, load_tokenizer, resolve_model, save_model_atomic
-    from rayapp.training.distill_teacher import fingerprint
-    from rayapp.training.loop import LocalReporter, fit
-    from rayapp.training.sft import count_supervised, sft_loss
+    from rayapp.training.distill.teacher import fingerprint
+    from rayapp.training.loop import LocalReporter, count_supervised, fit
+    from rayapp.training.sft import sft_loss
 
     out = work / "teacher"
     key = fingerprint(model, steps, lr, seed, [(r["input_text"], worked_answer(r)) for r in rows])
@@ -125,7 +126,7 @@ def teacher_label(teacher_dir: Path, rows: list[dict], work: Path) -> tuple[list
     """The teacher's vLLM pool writes label + rationale for ``rows`` given without their answers,
     through the distill recipe's teacher path (zero-shot, greedy; cached in work/labels/teacher/)."""
     from rayapp.config.loader import load_job_dict
-    from rayapp.training.distill_teacher import teacher_rationales
+    from rayapp.training.distill.teacher import teacher_rationales
 
     cfg = load_job_dict({
         "kind": "distill", "name": "teacher_labels", "method": "step_by_step", "task_type": "number",
@@ -160,28 +161,6 @@ def job(out: Path, teacher_file: Path, variant: str, steps: int, seed: int, num_
         "evaluation": {"max_examples": 200, "max_new_tokens": 6},
         "output_dir": str(out),
     }
-
-
-def train_in_process(cfg) -> Path:
-    import torch
-
-    from rayapp.models.io import load_causal_lm, load_tokenizer, resolve_model, save_model_atomic
-    from rayapp.training import distill_losses as L
-    from rayapp.training.distill_data import build_data
-    from rayapp.training.loop import LocalReporter, fit
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model(cfg.model.path)
-    tok = load_tokenizer(model_dir)
-    data = build_data(cfg, tok, out)
-    torch.manual_seed(cfg.train.seed)
-    model = load_causal_lm(model_dir)
-    fit(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.train.peak_lr), train_items=data.train, val_items=None,
-        collate=lambda it: L.collate_distill(it, tok.pad_token_id), count_fn=L.count_supervised,
-        loss_fn=L.step_by_step_loss(1 - cfg.step_by_step.rationale_weight, data.p_label, data.p_rationale),
-        cfg=cfg.train, micro_batch_size=cfg.train.micro_batch_size, reporter=LocalReporter(), metrics_path=out / "metrics.jsonl", name=cfg.name)
-    return save_model_atomic(model, tok, out / "model")
 
 
 def plot(results: list[dict], sizes: list[int], path: Path, title: str, teacher_accuracy: float | None = None,
@@ -253,6 +232,7 @@ def main() -> None:
     from rayapp.evaluation import evaluate_answers
     from rayapp.teachers.rationales import REJECT_REASONS
     from rayapp.teachers.templates import answers_match
+    from rayapp.training.distill.recipe import run
 
     t0 = time.perf_counter()
     work = ROOT / args.work
@@ -298,13 +278,9 @@ def main() -> None:
                 out = work / f"n{n}_{variant}_s{seed}"
                 cfg = load_job_dict(job(out, teacher_file, variant, args.steps, seed, 2 if args.ray else 1, args.model, args.lr))
                 started = time.perf_counter()
-                if args.ray:
-                    from rayapp.training.distill import run
-
-                    run(cfg)
-                    model_dir = out / "model"
-                else:
-                    model_dir = train_in_process(cfg)
+                shutil.rmtree(out, ignore_errors=True)  # a fresh student: no checkpoint of an earlier run to resume
+                run(cfg, in_process=not args.ray)
+                model_dir = out / "model"
                 acc = evaluate_answers(model_dir, test_rows, task_type="number", prompt_fn=lambda x: "predict: " + x,
                                        extract="answer", max_new_tokens=6, chat_template="never")
                 row = {"n": n, "variant": variant, "rationale_weight": rw, "explain_target": explain_target, "seed": seed, "steps": args.steps, "accuracy": acc["accuracy"],
@@ -349,7 +325,7 @@ def main() -> None:
         "majority_accuracy": majority, "student": student, "title": title,
         "variants": {k: {"rationale_weight": v[0], "explain_target": v[1], "label": v[2]} for k, v in VARIANTS.items()},
         "sizes": args.sizes, "seeds": args.seeds, "steps": args.steps, "global_batch_size": 16, "learning_rate": args.lr,
-        "runner": "rayapp.training.distill.run (2 Ray Train workers)" if args.ray else "in-process: build_data + step_by_step_loss + loop.fit",
+        "runner": "rayapp.training.distill.recipe.run (2 Ray Train workers)" if args.ray else "rayapp.training.distill.recipe.run, in process",
         "accuracy": accuracy, "runs": results, "wall_time_s": round(time.perf_counter() - t0, 1), "plot": "distill_quality.png",
     }
     (RESULTS / "distill_quality.json").write_text(json.dumps(summary, indent=2) + "\n")

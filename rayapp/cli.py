@@ -14,7 +14,7 @@ EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli", "rayapp.tr
 
 
 def _cmd_run(args) -> int:
-    from rayapp.training import recipe
+    from rayapp.kinds import recipe
 
     cfg = load_job(args.job, args.overrides)
     summary = recipe(cfg.kind).run(cfg)
@@ -25,7 +25,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from rayapp.training import recipe
+    from rayapp.kinds import recipe
 
     if args.explain:
         print(explain(args.explain))

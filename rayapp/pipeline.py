@@ -16,9 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from rayapp.config import load_job_dict
+from rayapp import kinds
+from rayapp.config import load_job_dict, write_resolved_config
 from rayapp.errors import UserError
-from rayapp.training.common import write_json_atomic
+from rayapp.fileio import write_json_atomic
 
 STATE_FILE = ".stage.json"
 
@@ -77,25 +78,21 @@ def _read_state(out: Path) -> dict | None:
 
 
 def validate(cfg) -> str:
-    from rayapp.training import recipe
-
     lines = []
     for name in cfg.stages:
         stage_cfg = load_job_dict(cfg.resolved_stage(name), source=f"stages.{name}")
         deps = cfg.dependencies(name)
         lines.append(f"stage {name} ({stage_cfg.kind})" + (f" <- {', '.join(deps)}" if deps else ""))
         if not deps:  # later stages read files that earlier stages have not written yet
-            report = recipe(stage_cfg.kind).validate(stage_cfg)
+            report = kinds.recipe(stage_cfg.kind).validate(stage_cfg)
             if report:
                 lines.extend("  " + line for line in report.splitlines())
     return "\n".join(lines)
 
 
 def run(cfg) -> dict:
-    from rayapp.training import recipe
-
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(cfg, out)
     names = list(cfg.stages)
     serves = any(s.get("kind") == "deploy" or (s.get("deploy") or {}).get("enabled") for s in cfg.stages.values())
     if serves and not os.environ.get("RAY_ADDRESS"):
@@ -125,7 +122,7 @@ def run(cfg) -> dict:
         print(f"{header}{'=' * max(0, 60 - len(header))}", flush=True)
         t0 = time.perf_counter()
         try:
-            summary = recipe(stage_cfg.kind).run(stage_cfg) or {}
+            summary = kinds.recipe(stage_cfg.kind).run(stage_cfg) or {}
         except Exception as e:
             wall = time.perf_counter() - t0
             timings[name] = {"kind": stage_cfg.kind, "status": "failed", "wall_s": round(wall, 1), "error": str(e)}

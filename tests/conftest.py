@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from unittest import mock
 
@@ -23,6 +24,13 @@ from tests.gcs_server import gcs_server  # noqa: E402, F401 (fixtures)
 from tests.s3_server import s3_bucket, s3_server, use_fake_aws_credentials  # noqa: E402, F401 (fixtures)
 
 use_fake_aws_credentials()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a Serve proxy or a Ray head)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ ranks (per-micro-batch means do not; see ``sft``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rayapp.algorithms.sft import masked_mean
@@ -132,11 +134,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token PPO rewards (Ziegler et al. 2019; InstructGPT): -kl_coef * k1 on every response
-    token, plus the sequence score on the last one. scores (B,), logp/ref_logp/mask (B, T) -> (B, T)."""
+                         mask: torch.Tensor, kl_coef: float, kl=kl_k1) -> torch.Tensor:
+    """Per-token PPO rewards (Ziegler et al. 2019; InstructGPT): -kl_coef * kl on every response
+    token (``kl`` a KL_ESTIMATORS entry, k1 as in InstructGPT), plus the sequence score on the last
+    one. scores (B,), logp/ref_logp/mask (B, T) -> (B, T)."""
     m = mask.to(logp.dtype)
-    rewards = -kl_coef * kl_k1(logp.detach(), ref_logp.detach()) * m     # (B, T)
+    rewards = -kl_coef * kl(logp.detach(), ref_logp.detach()) * m        # (B, T)
     positions = torch.arange(m.size(1), device=m.device).expand_as(m)
     last = torch.where(m > 0, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,)
     has = last >= 0
@@ -147,7 +150,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float, ref_logp: torch.Tensor | None = None,
-                    kl_coef: float = 0.0, normaliser=None
+                    kl_coef: float = 0.0, normaliser=None, kl=kl_k3
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017), per token with rho = exp(logp - old_logp):
 
@@ -156,7 +159,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     Clipping is active where the clipped term is strictly larger, i.e. rho > 1 + eps with A > 0
     or rho < 1 - eps with A < 0; there the gradient is 0. At exactly 1 +- eps nothing is clipped.
     In RLHF-PPO the KL to the reference goes into the rewards (``kl_penalized_rewards``), so
-    ``ref_logp`` / ``kl_coef`` are ignored here (they are in the signature so POLICY_LOSSES
+    ``ref_logp`` / ``kl_coef`` / ``kl`` are ignored here (they are in the signature so POLICY_LOSSES
     entries are interchangeable).
 
     logp, old_logp, advantages, mask (B, T). Returns (loss (), clip_fraction (), approx_kl ()),
@@ -176,10 +179,11 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                      mask: torch.Tensor, clip_eps: float, ref_logp: torch.Tensor | None = None,
-                     kl_coef: float = 0.0, normaliser=None
+                     kl_coef: float = 0.0, normaliser=None, kl=kl_k3
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GRPO objective: the PPO clipped surrogate plus kl_coef * k3(logp, ref_logp) in the loss
-    (DeepSeekMath puts the KL in the loss, not the reward). Token-mean aggregation over the
+    """GRPO objective: the PPO clipped surrogate plus kl_coef * kl(logp, ref_logp) in the loss
+    (DeepSeekMath puts the KL in the loss, not the reward, estimated with k3; ``kl`` is a
+    KL_ESTIMATORS entry). Token-mean aggregation over the
     batch (DAPO's choice; the paper averages per sequence first). Same shapes and returns as
     ``ppo_policy_loss``."""
     loss, clip_fraction, approx_kl = ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps,
@@ -187,11 +191,30 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     if kl_coef:
         if ref_logp is None:
             raise ValueError("grpo_policy_loss: kl_coef > 0 needs ref_logp")
-        loss = loss + kl_coef * _agg(kl_k3(logp.float(), ref_logp.detach().float()), mask, normaliser)
+        loss = loss + kl_coef * _agg(kl(logp.float(), ref_logp.detach().float()), mask, normaliser)
     return loss, clip_fraction, approx_kl
 
 
 POLICY_LOSSES = {"ppo": ppo_policy_loss, "grpo": grpo_policy_loss}
+
+
+@dataclass(frozen=True)
+class RLAlgorithm:
+    """An RL algorithm as entries of the registries above: what the RL recipe reads."""
+
+    advantage: str    # ADVANTAGE_ESTIMATORS key
+    policy_loss: str  # POLICY_LOSSES key
+    kl: str           # KL_ESTIMATORS key of the KL-to-reference term
+    kl_in: str        # where that term goes: "reward" (per token, before the advantages) or "loss"
+    critic: bool      # a value head trained with value_loss, whose values the advantage estimator uses
+
+
+ALGORITHMS = {
+    # InstructGPT-style PPO: -kl_coef * k1 in the token rewards, GAE on a learned critic.
+    "ppo": RLAlgorithm(advantage="gae", policy_loss="ppo", kl="k1", kl_in="reward", critic=True),
+    # DeepSeekMath GRPO: group-normalised outcome rewards, kl_coef * k3 in the loss, no critic.
+    "grpo": RLAlgorithm(advantage="grpo", policy_loss="grpo", kl="k3", kl_in="loss", critic=False),
+}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from rayapp.algorithms import IGNORE_INDEX
 
 
 def _weighted(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     picked = z.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     logps = picked - torch.logsumexp(z, dim=-1)                     # (B, T-1)
     return torch.where(mask, logps, torch.zeros_like(logps)), mask
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t predicts a response token (labels[t + 1] != IGNORE_INDEX). Its count
+    equals :func:`token_nll_sum`'s token count, so per-position sums (KD, features) share the NLL's
+    unit."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
 
 
 def next_token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

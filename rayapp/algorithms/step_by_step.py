@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rayapp.algorithms import IGNORE_INDEX
 from rayapp.algorithms.sft import token_nll_sum
 
 LABEL_TASK = "predict"
@@ -67,16 +68,16 @@ def split_task_nll_sums(logits: torch.Tensor, labels: torch.Tensor, is_rationale
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token NLL sums per task for a micro-batch that mixes both tasks.
 
-    logits (B, T, V), labels (B, T) with -100, is_rationale (B,) bool.
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX, is_rationale (B,) bool.
     Returns (label_sum, label_n, rationale_sum, rationale_n); divide each sum by its task's
     global token count, then combine with ``two_task_loss`` (each task is a mean over its own
     tokens, as in the reference where each task is a separate forward pass).
     """
     is_rationale = is_rationale.bool()                               # (B,)
     lab = labels.clone()
-    lab[is_rationale] = -100
+    lab[is_rationale] = IGNORE_INDEX
     rat = labels.clone()
-    rat[~is_rationale] = -100
+    rat[~is_rationale] = IGNORE_INDEX
     label_sum, label_n = token_nll_sum(logits, lab)
     rationale_sum, rationale_n = token_nll_sum(logits, rat)
     return label_sum, label_n, rationale_sum, rationale_n

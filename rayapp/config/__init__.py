@@ -1,5 +1,13 @@
-"""Typed job configs. ``load_job(path, overrides)`` returns the config for the file's ``kind``."""
+"""Typed job configs. ``load_job(path, overrides)`` returns the config for the file's ``kind``
+(the kinds and their config classes: :mod:`rayapp.kinds`)."""
 
-from rayapp.config.loader import JOB_KINDS, ConfigError, dump_config, explain, load_job, load_job_dict
+from rayapp.config.loader import (
+    ConfigError,
+    dump_config,
+    explain,
+    load_job,
+    load_job_dict,
+    write_resolved_config,
+)
 
-__all__ = ["JOB_KINDS", "ConfigError", "dump_config", "explain", "load_job", "load_job_dict"]
+__all__ = ["ConfigError", "dump_config", "explain", "load_job", "load_job_dict", "write_resolved_config"]

@@ -24,6 +24,15 @@ class RationalesConfig(StrictModel):
     gold_filter: Literal["drop", "flag", "off"] = Field("drop", description="Rows whose teacher label disagrees with the gold label (output_text): drop them, keep them with gold_match: false, or do not check.")
 
 
+def check_rationale_sampling(rationales: RationalesConfig, sampling: SamplingConfig, where: str = "") -> None:
+    """Self-consistency samples several rationales per question: at temperature 0 they are all the same."""
+    if rationales.self_consistency_n > 1 and sampling.temperature == 0:
+        raise ValueError(
+            f"{where}rationales.self_consistency_n is {rationales.self_consistency_n} but {where}sampling.temperature is 0: "
+            f"every sample would be the same; set {where}sampling.temperature > 0 or {where}rationales.self_consistency_n: 1"
+        )
+
+
 class BatchJobConfig(StrictModel):
     kind: Literal["batch"] = Field("batch", description="Job kind.")
     name: str = Field("batch", description="Job name; used in logs.")
@@ -45,11 +54,8 @@ class BatchJobConfig(StrictModel):
     def _check(self):
         if len(self.concurrency) != 2 or not 1 <= self.concurrency[0] <= self.concurrency[1]:
             raise ValueError(f"concurrency {self.concurrency}: expected [min, max] replicas with 1 <= min <= max, e.g. [1, 2]")
-        if self.task == "rationales" and self.rationales.self_consistency_n > 1 and self.sampling.temperature == 0:
-            raise ValueError(
-                f"rationales.self_consistency_n is {self.rationales.self_consistency_n} but sampling.temperature is 0: "
-                "every sample would be the same; set sampling.temperature > 0 or self_consistency_n: 1"
-            )
+        if self.task == "rationales":
+            check_rationale_sampling(self.rationales, self.sampling)
         if self.task == "generate" and self.sampling.n > 1 and self.sampling.temperature == 0:
             raise ValueError("sampling.n > 1 with sampling.temperature 0 gives identical completions; raise sampling.temperature")
         return self

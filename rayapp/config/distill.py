@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel
-from rayapp.config.batch import RationalesConfig
-from rayapp.config.sft import TrainingJobConfig
+from rayapp.config.batch import RationalesConfig, check_rationale_sampling
+from rayapp.config.training import TrainingJobConfig
 
 METHODS = ("step_by_step", "logits", "features", "relations", "self")
 
@@ -31,7 +31,7 @@ class TeacherConfig(StrictModel):
     outputs: str | None = Field(None, description="step_by_step: a teacher-output file (kind: batch, task: rationales) to use instead of generating; rows need input_text, label, rationale, teacher.")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=512), description="vLLM engines of the teacher (step_by_step rationales, logits).")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=128), description="Sampling of teacher rationales / responses.")
-    rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales.")
+    rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales (step_by_step); rationales.task_type is the job's task_type.")
     chat: Literal["auto", "always", "never"] = Field("auto", description="Send questions to the teacher as a user message through its chat template ('auto': when the teacher has one), as kind: batch does.")
 
 
@@ -130,4 +130,12 @@ class DistillJobConfig(TrainingJobConfig):
             raise ValueError("self.rounds > 1 (born-again) needs self.teacher: frozen; an EMA teacher has no generations")
         if m == "logits" and self.logits.lmbda > 0 and self.train.max_steps is None:
             raise ValueError("logits.lmbda > 0 (on-policy rounds) needs train.max_steps (split evenly over logits.rounds)")
+        # Teacher rationales are parsed, and their labels compared, as answers of the job's task_type.
+        r = self.teacher.rationales
+        if "task_type" not in r.model_fields_set:
+            r.task_type = self.task_type
+        elif r.task_type != self.task_type:
+            raise ValueError(f"teacher.rationales.task_type ({r.task_type}) differs from task_type ({self.task_type}); the teacher's "
+                             "answers are parsed and checked as the job's task_type: drop teacher.rationales.task_type or make them equal")
+        check_rationale_sampling(r, self.teacher.sampling, "teacher.")
         return self

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -11,21 +10,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rayapp.errors import UserError
+from rayapp.fileio import write_text_atomic
+from rayapp.kinds import KINDS, config_class
 
-# kind -> "module:Class". One line per job kind; the module is imported only when that kind is loaded.
-JOB_KINDS: dict[str, str] = {
-    "sft": "rayapp.config.sft:SFTJobConfig",
-    "batch": "rayapp.config.batch:BatchJobConfig",
-    "distill": "rayapp.config.distill:DistillJobConfig",
-    "reward_model": "rayapp.config.rl:RewardModelJobConfig",
-    "rlhf": "rayapp.config.rl:RLHFJobConfig",
-    "dpo": "rayapp.config.rl:DPOJobConfig",
-    "deploy": "rayapp.config.deploy:DeployJobConfig",
-    "pipeline": "rayapp.config.pipeline:PipelineJobConfig",
-    "dataset": "rayapp.config.dataset:DatasetJobConfig",
-    "evaluate": "rayapp.config.evaluate:EvaluateJobConfig",
-}
-
+RESOLVED_CONFIG = "config.resolved.yaml"  # every job leaves its resolved config beside its outputs
 
 class ConfigError(UserError, ValueError):
     """A job file that cannot be used, with every problem as ``file:line: field: reason``."""
@@ -33,17 +21,6 @@ class ConfigError(UserError, ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-def config_class(kind: str) -> type[BaseModel]:
-    target = JOB_KINDS.get(kind)
-    if target is None:
-        raise KeyError(kind)
-    module, _, cls = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ModuleNotFoundError as e:  # kind declared but its module not shipped in this build
-        raise KeyError(kind) from e
 
 
 def _line_index(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
@@ -121,12 +98,12 @@ def load_job_dict(data: dict, source: str = "<dict>", lines: dict | None = None,
         raise ConfigError([f"{source}:1: the job file must be a mapping with a `kind:` key"])
     kind = data.get("kind")
     if kind is None:
-        raise ConfigError([f"{source}:1: kind: required field is missing (one of: {', '.join(JOB_KINDS)})"])
+        raise ConfigError([f"{source}:1: kind: required field is missing (one of: {', '.join(KINDS)})"])
     try:
         cls = config_class(kind)
     except KeyError:
         line = lines.get(("kind",), 1)
-        raise ConfigError([f"{source}:{line}: kind: unknown job kind '{kind}' (expected one of: {', '.join(JOB_KINDS)})"]) from None
+        raise ConfigError([f"{source}:{line}: kind: unknown job kind '{kind}' (expected one of: {', '.join(KINDS)})"]) from None
     try:
         cfg = cls.model_validate(data)
     except ValidationError as e:
@@ -167,6 +144,11 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None):
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (every default filled in), for config.resolved.yaml."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved_config(cfg: BaseModel, output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` and write ``config.resolved.yaml`` into it (every job kind does)."""
+    return write_text_atomic(Path(output_dir) / RESOLVED_CONFIG, dump_config(cfg))
 
 
 def explain(kind: str) -> str:

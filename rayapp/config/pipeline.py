@@ -75,10 +75,10 @@ class PipelineJobConfig(StrictModel):
 
     def resolved_stage(self, name: str) -> dict:
         """The stage's job mapping with output_dir filled in and ${stages.X.output_dir} substituted."""
-        from rayapp.config.loader import JOB_KINDS, config_class
+        from rayapp.kinds import KINDS, config_class
 
         stage = dict(self.stages[name])
-        fields = config_class(stage["kind"]).model_fields if stage.get("kind") in JOB_KINDS else {}
+        fields = config_class(stage["kind"]).model_fields if stage.get("kind") in KINDS else {}
         if "name" in fields:
             stage.setdefault("name", name)
         if "output_dir" in fields or not fields:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from rayapp.config.base import DataConfig, EngineConfig, SamplingConfig, StrictModel
-from rayapp.config.sft import TrainingJobConfig
+from rayapp.config.training import TrainingJobConfig
 
 
 class RewardModelJobConfig(TrainingJobConfig):

@@ -4,50 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from rayapp.config.base import (
-    AdapterConfig,
-    DataConfig,
-    DeployConfig,
-    ModelConfig,
-    ResourcesConfig,
-    StrictModel,
-    TrainConfig,
-    check_precision,
-)
-
-
-class TrainingJobConfig(StrictModel):
-    """Fields every training job shares (sft, distill, reward_model, rlhf, dpo)."""
-
-    name: str = Field("job", description="Job name; used in logs, the report and as the served model name.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to tune.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
-    adapter: AdapterConfig | None = Field(None, description="LoRA adapter settings; omit for full tuning.")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray Train workers and devices.")
-    output_dir: str = Field("outputs/job", description="Where the job writes model/, checkpoints/, metrics.jsonl, report.html.")
-    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Serve the result when the job succeeds.")
-
-    @model_validator(mode="after")
-    def _check_batch(self):
-        t, r = self.train, self.resources
-        per_step = t.micro_batch_size * r.num_workers
-        if t.global_batch_size % per_step != 0:
-            raise ValueError(
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x resources.num_workers ({r.num_workers}) = {per_step}; "
-                f"gradient accumulation is derived from the three"
-            )
-        check_precision(self.model, t, r.use_gpu)
-        if self.data.validation_split and self.data.validation:
-            raise ValueError("data.validation and data.validation_split are both set; give a validation file or a split, not both")
-        return self
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.resources.num_workers)
+from rayapp.config.training import TrainingJobConfig
 
 
 class SFTJobConfig(TrainingJobConfig):

@@ -27,10 +27,9 @@ from rayapp.data.loaders import (
 from rayapp.data.readers import Row, read_rows, write_jsonl_atomic
 from rayapp.data.sft import SFTDataset, load_sft_dataset, load_sft_splits, split_validation
 from rayapp.data.stats import DatasetStats
-from rayapp.data.tokenize import IGNORE_INDEX, Encoded, TemplateError, encode_example
+from rayapp.data.tokenize import Encoded, TemplateError, encode_example
 
 __all__ = [
-    "IGNORE_INDEX",
     "ChatExample",
     "DataError",
     "DatasetStats",

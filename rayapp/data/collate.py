@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rayapp.data.tokenize import IGNORE_INDEX, Encoded
+from rayapp.algorithms import IGNORE_INDEX
+from rayapp.data.tokenize import Encoded
 
 
 def collate_sft(examples: Sequence[Encoded], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """``input_ids``, ``attention_mask`` and ``labels`` as (B, T) int64 tensors, right-padded.
 
-    Padding positions have ``pad_id`` / 0 / -100; T is the longest example, rounded up to
+    Padding positions have ``pad_id`` / 0 / IGNORE_INDEX; T is the longest example, rounded up to
     ``pad_to_multiple_of`` when given."""
     import torch
 

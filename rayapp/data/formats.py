@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+# Ends every worked answer, "<rationale> So the answer is <label>.": few-shot answers, tuning targets,
+# step-by-step explain targets; the rationale parser looks for it (rayapp.teachers.templates).
+ANSWER_MARKER = "So the answer is"
 # Kinds of bad rows, used to count dropped rows by reason in the dataset stats.
 MALFORMED, MISSING, WRONG_TYPE, ROLE_ORDER, EMPTY, OVERLONG, NO_RESPONSE = (
     "malformed row",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from rayapp.data.formats import parse_sft_row
+from rayapp.data.formats import ChatExample, parse_sft_row
 from rayapp.data.loaders import load_records, split_indices
 from rayapp.data.stats import DatasetStats
 from rayapp.data.tokenize import Encoded, encode_example
@@ -22,6 +22,7 @@ from rayapp.data.tokenize import Encoded, encode_example
 class SFTDataset:
     examples: list[Encoded]
     stats: DatasetStats = field(default_factory=DatasetStats)
+    prompts: list[str] = field(default_factory=list)  # prompts[i]: what examples[i] answers (see prompt_of)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -30,17 +31,27 @@ class SFTDataset:
         return self.examples[i]
 
 
+def prompt_of(record) -> str:
+    """The prompt a tuning record answers: its input_text, or a chat row's last user turn."""
+    if isinstance(record, ChatExample):
+        users = [m.get("content", "") for m in record.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+    return record.input_text
+
+
 def load_sft_dataset(path: str | os.PathLike, tokenizer, data_cfg=None, max_seq_len: int = 512) -> SFTDataset:
-    """Every row of ``path`` as an Encoded example; bad rows raise DataError or are dropped and counted."""
+    """Every row of ``path`` as an Encoded example (and its prompt); bad rows raise DataError or are
+    dropped and counted."""
     fmt = getattr(data_cfg, "format", "auto")
     chat_template = getattr(data_cfg, "chat_template", "auto")
     overlong = getattr(data_cfg, "overlong", "truncate")
 
-    def parse(row: dict) -> Encoded:
-        return encode_example(tokenizer, parse_sft_row(row, fmt), max_seq_len, chat_template, overlong)
+    def parse(row: dict) -> tuple[str, Encoded]:
+        record = parse_sft_row(row, fmt)
+        return prompt_of(record), encode_example(tokenizer, record, max_seq_len, chat_template, overlong)
 
-    examples, stats = load_records(path, parse, data_cfg, "tuning examples")
-    return SFTDataset(examples, stats)
+    rows, stats = load_records(path, parse, data_cfg, "tuning examples")
+    return SFTDataset([e for _, e in rows], stats, [p for p, _ in rows])
 
 
 def _restat(examples: list[Encoded], source: str, base: DatasetStats | None = None) -> DatasetStats:
@@ -59,8 +70,8 @@ def split_validation(dataset: SFTDataset, fraction: float, seed: int = 0) -> tup
     val = [dataset.examples[i] for i in val_idx]
     source = dataset.stats.source
     return (
-        SFTDataset(train, _restat(train, source, dataset.stats)),
-        SFTDataset(val, _restat(val, f"{source} (validation_split={fraction:g}, seed={seed})")),
+        SFTDataset(train, _restat(train, source, dataset.stats), [dataset.prompts[i] for i in train_idx]),
+        SFTDataset(val, _restat(val, f"{source} (validation_split={fraction:g}, seed={seed})"), [dataset.prompts[i] for i in val_idx]),
     )
 
 

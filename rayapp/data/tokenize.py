@@ -2,7 +2,7 @@
 
 The loss is on the response only: every assistant turn of a chat, including the template's
 end-of-turn token (``<|im_end|>`` for ChatML), or ``output_text + eos`` for plain text.
-Everything else is labelled -100.
+Everything else is labelled IGNORE_INDEX (-100).
 
 How assistant spans are found without knowing the template: for each assistant turn ``i`` we
 render ``messages[:i]`` with ``add_generation_prompt=True`` (the prompt up to where the model
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rayapp.algorithms import IGNORE_INDEX
 from rayapp.data.formats import NO_RESPONSE, OVERLONG, ChatExample, Message, RowError, SFTRecord, TextExample
 from rayapp.errors import UserError
-
-IGNORE_INDEX = -100
 
 # Used for chat rows when the tokenizer has no chat template (or data.chat_template: never).
 PLAIN_CHAT_TEMPLATE = (
@@ -53,9 +52,14 @@ class Encoded:
         return len(self.input_ids)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (the one test every caller asks)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def use_chat_template(tokenizer, chat_template: str = "auto") -> bool:
     """Whether rows are rendered with the tokenizer's own template (data.chat_template)."""
-    has = bool(getattr(tokenizer, "chat_template", None))
+    has = has_chat_template(tokenizer)
     if chat_template == "always" and not has:
         name = getattr(tokenizer, "name_or_path", "the tokenizer")
         raise TemplateError(

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from rayapp.errors import UserError
+from rayapp.fileio import replace_dir_atomic
 from rayapp.models.hub import ResolvedModel, parse_hub_ref, resolve_hub_model
 from rayapp.models.packaged import PACKAGED, convert_packaged
 from rayapp.models.tiny import build_tiny_model, parse_tiny_ref
@@ -121,15 +121,38 @@ def load_causal_lm(ref: str | Path, dtype: str = "float32", trust_remote_code: b
 
 def save_model_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """save_pretrained into a temporary sibling, then rename into place: a reader never sees half a model."""
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return replace_dir_atomic(out_dir, write)
+
+
+def unwrap(model):
+    """The module a data-parallel wrapper (DDP) holds, or ``model`` itself: what has the Hugging Face
+    methods (save_pretrained, disable_adapter) and the parameter names checkpoints and engines use."""
+    import torch
+
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def model_stamp(model_dir: str | os.PathLike | None) -> list | None:
+    """What identifies a model's weights without reading them: the path, and each weight, config and
+    tokenizer file's name, size and modification time. A model retrained into the same directory
+    gets a new stamp, so output cached from the old one is not reused."""
+    if model_dir is None:
+        return None
+    files = sorted(f for pattern in ("*.safetensors", "config.json", "tokenizer*.json") for f in Path(model_dir).glob(pattern))
+    return [str(model_dir)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def wants_chat(setting: str, model_dir: str | os.PathLike) -> bool:
+    """Whether to send prompts to the model in ``model_dir`` as chat messages: ``setting`` is a job's
+    ``chat`` field ('always', 'never', or 'auto': when the model's tokenizer has a chat template)."""
+    from rayapp.data.tokenize import has_chat_template
+
+    if setting in ("always", "never"):
+        return setting == "always"
+    return has_chat_template(load_tokenizer(str(model_dir)))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
+
+from rayapp.fileio import replace_dir_atomic
 
 
 def apply_lora(model, adapter):
@@ -21,18 +22,6 @@ def apply_lora(model, adapter):
     return get_peft_model(model, config)
 
 
-def _atomic_dir(out: Path, write) -> Path:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def export_lora(peft_model, tokenizer, output_dir: str | os.PathLike, export: str) -> dict[str, Path]:
     """Write ``adapter/`` (peft format) and/or a merged ``model/`` (plain HF safetensors)."""
     out = Path(output_dir)
@@ -43,7 +32,7 @@ def export_lora(peft_model, tokenizer, output_dir: str | os.PathLike, export: st
             peft_model.save_pretrained(d, safe_serialization=True)
             tokenizer.save_pretrained(d)
 
-        written["adapter"] = _atomic_dir(out / "adapter", write_adapter)
+        written["adapter"] = replace_dir_atomic(out / "adapter", write_adapter)
     if export in ("merged", "both"):
         merged = peft_model.merge_and_unload()
 
@@ -51,5 +40,5 @@ def export_lora(peft_model, tokenizer, output_dir: str | os.PathLike, export: st
             merged.save_pretrained(d, safe_serialization=True)
             tokenizer.save_pretrained(d)
 
-        written["model"] = _atomic_dir(out / "model", write_model)
+        written["model"] = replace_dir_atomic(out / "model", write_model)
     return written

@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rayapp.fileio import replace_dir_atomic
 
 # ChatML-style template. `{% generation %}` marks are not used: loss masks are computed by
 # rendering the conversation prefix by prefix (rayapp.data.tokenize), which works for any template.
@@ -156,31 +157,27 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) ->
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer = train_tokenizer(tmp, spec.vocab_size, spec.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "rayapp_tiny.json").write_text(json.dumps(asdict(spec), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        tokenizer = train_tokenizer(tmp, spec.vocab_size, spec.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            torch_dtype="float32",
+        )
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "rayapp_tiny.json").write_text(json.dumps(asdict(spec), indent=2))
+
+    return replace_dir_atomic(out_dir, write)

@@ -60,6 +60,14 @@ def save_reward_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return save_model_atomic(model, tokenizer, out_dir)
 
 
+def policy_of(model: nn.Module) -> nn.Module:
+    """The causal LM being trained: inside a DDP wrapper and a CausalLMWithValueHead, if any."""
+    from rayapp.models.io import unwrap
+
+    inner = unwrap(model)
+    return inner.lm if isinstance(inner, CausalLMWithValueHead) else inner
+
+
 class CausalLMWithValueHead(nn.Module):
     """A causal LM plus ``value_head``: forward returns (logits (B, T, V), values (B, T))."""
 

@@ -445,16 +445,15 @@ def build_app(model_dir: str | Path, name: str, deploy: DeployConfig, adapters: 
               api_key: str | None = None):
     """The Serve application: one ``LLMServer`` deployment behind the OpenAI ingress (with auth if a key is given)."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
 
-    from rayapp.serving.server import RayappIngress, RayappLLMServer
+    from rayapp.serving.server import RayappIngress, RayappLLMServer, ingress_fastapi_app, to_model_metadata
 
     adapters = {k: str(Path(v).resolve()) for k, v in (adapters or {}).items()}
     llm_config = build_llm_config(model_dir, name, deploy, adapters)
     server = build_llm_deployment(llm_config, deployment_cls=RayappLLMServer, bind_kwargs={"adapters": adapters})
-    app = init()
+    app = ingress_fastapi_app()
     add_middlewares(app, deploy, model_dir, api_key)
     ingress_cls = RayappIngress
     options = ingress_cls.get_deployment_options([llm_config])

@@ -52,9 +52,7 @@ def _cmd_deploy(args) -> int:
                                                        for err in e.errors())) from None
     name = args.name or _default_name(args.model)
     if args.reward:
-        from rayapp.serving.reward import deploy_reward_model
-
-        info = deploy_reward_model(args.model, deploy, name)
+        info = dep.deploy_reward_model(args.model, deploy, name)
     else:
         info = dep.deploy_model(args.model, _parse_adapters(args.adapter), deploy, name)
     print(f"serving model '{info.model_name}' at {info.url}")

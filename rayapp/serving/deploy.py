@@ -3,7 +3,9 @@
 Reads top to bottom: find what to serve (a model directory, or a job's output_dir with
 model/ or adapter/), check it, connect to the cluster (``RAY_ADDRESS``, else the persistent
 local head of :mod:`rayapp.serving.local_head`), ``serve.run`` the app of
-:mod:`rayapp.serving.app`, and report the URL and model name.
+:mod:`rayapp.serving.app`, and report the URL and model name. A reward model (a reward_model
+job's output) is served on ``/v1/score`` instead (:func:`deploy_reward_model`; the API is in
+:mod:`rayapp.serving.reward_server`).
 """
 
 from __future__ import annotations
@@ -162,6 +164,42 @@ def _serve_until_interrupted(name: str) -> None:
         serve.delete(name)
 
 
+def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) -> DeployInfo:
+    """Serve the ``*ForSequenceClassification`` model in ``model_dir`` (or a reward_model job's
+    output_dir) as ``name`` on ``/v1/score``; return where it answers."""
+    from ray import serve
+
+    from rayapp.models.io import resolve_model
+    from rayapp.serving.app import key_digest, read_api_key
+    from rayapp.serving.reward_server import build_reward_deployment
+
+    path = Path(model_dir)
+    base = path / "model" if (path / "model" / "config.json").exists() else resolve_model(str(model_dir))
+    api_key = read_api_key(deploy)
+    connect()
+    port = start_serve(deploy)
+    # The key's digest, never the key, travels with the app.
+    RewardModelDeployment = build_reward_deployment(key_digest(api_key) if api_key else None)
+    started = time.time()
+    deployment = RewardModelDeployment.options(
+        autoscaling_config={"min_replicas": deploy.min_replicas, "initial_replicas": max(1, deploy.min_replicas),
+                            "max_replicas": deploy.max_replicas,
+                            "target_ongoing_requests": deploy.target_ongoing_requests},
+    )
+    try:
+        serve.run(deployment.bind(str(base), name, deploy.max_model_len or 512), name=name,
+                  route_prefix=deploy.route_prefix, blocking=False)
+    except RuntimeError as e:
+        raise DeployError(f"deploying reward model '{name}' from {base} failed: {str(e)[-1500:]}\n"
+                          "is it a *ForSequenceClassification directory (a reward_model job's output)?") from e
+    prefix = deploy.route_prefix.rstrip("/")
+    info = DeployInfo(url=f"http://{deploy.host}:{port}{prefix}/v1", model_name=name, app_name=name,
+                      ray_address=os.environ.get("RAY_ADDRESS", "in-process"),
+                      api_key_required=api_key is not None, kind="reward")
+    log.info("serving reward model %s at %s/score (ready in %.0f s)", name, info.url, time.time() - started)
+    return info
+
+
 def deploy_job_output(output_dir: str | Path, deploy: DeployConfig, name: str) -> DeployInfo:
     """Serve what a training job left in ``output_dir`` (model/, else adapter/ on its base model)."""
     return deploy_model(output_dir, {}, deploy, name)
@@ -221,8 +259,6 @@ def run(cfg) -> dict:
     """`kind: deploy`: serve cfg.model (a directory, built-in name or job output) with cfg.adapters."""
     name = cfg.deploy.name or cfg.name
     if cfg.reward:
-        from rayapp.serving.reward import deploy_reward_model
-
         info = deploy_reward_model(cfg.model, cfg.deploy, name)
     else:
         info = deploy_model(cfg.model, cfg.adapters, cfg.deploy, name)

@@ -2,6 +2,10 @@
 
 They live at module level so that Ray pickles them by reference: rayapp must be importable
 on the cluster's nodes (it is installed into the same environment).
+
+The one module that imports ``ray.llm._internal``: what ray.serve.llm (Ray 2.60) has no public
+API for (LoRA ids and the multiplex loader, model cards, the ingress's FastAPI app). The rest of
+rayapp uses ``ray.serve.llm``'s public names only.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from ray import serve
 from ray.llm._internal.common.models import global_id_manager
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import init as ingress_fastapi_app
 from ray.serve.llm.deployment import LLMServer
+from ray.serve.llm.ingress import OpenAiIngress
+
+__all__ = ["RayappIngress", "RayappLLMServer", "ingress_fastapi_app", "to_model_metadata"]
 
 
 class RayappLLMServer(LLMServer):

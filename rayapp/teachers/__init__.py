@@ -1,8 +1,8 @@
-"""Teachers: the Generator protocol, the vLLM actor pool that implements it, rationale
-templates and parsers, and the ``kind: batch`` recipe.
+"""Teachers: the Generator protocol, the vLLM actor pool that implements it
+(``rayapp.teachers.pool``), weight updates of its engines (``weight_sync``), rationale templates
+and parsers, and the ``kind: batch`` recipe, the one path that produces teacher rationales.
 
-Importing this package loads neither ray nor vllm; :class:`VLLMEnginePool` imports them
-when it is built.
+Importing this package loads neither ray nor vllm; the pool imports them when it is built.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[str] | list[list[dict]], sampling: Any) -> list[Completion]: ...
 
-    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[float]]: ...
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[float]] | list[list[dict[int, float]]]: ...
 
     def update_weights(self, state: Any) -> float: ...
 
@@ -49,13 +49,4 @@ class Generator(Protocol):
     def wake(self) -> None: ...
 
 
-def __getattr__(name: str):
-    # Lazy: `from rayapp.teachers import VLLMEnginePool` without importing ray at package import.
-    if name == "VLLMEnginePool":
-        from rayapp.teachers.pool import VLLMEnginePool
-
-        return VLLMEnginePool
-    raise AttributeError(name)
-
-
-__all__ = ["Completion", "EMPTY_PROMPT", "Generator", "PROMPT_TOO_LONG", "VLLMEnginePool"]
+__all__ = ["Completion", "EMPTY_PROMPT", "Generator", "PROMPT_TOO_LONG"]

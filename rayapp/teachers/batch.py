@@ -20,15 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from rayapp.config.batch import BatchJobConfig
-from rayapp.config.loader import dump_config
+from rayapp.config.loader import write_resolved_config
 from rayapp.data.readers import read_jsonl, read_rows, write_jsonl_atomic
 from rayapp.errors import UserError
+from rayapp.fileio import write_text_atomic
 from rayapp.teachers import Completion
 
 log = logging.getLogger(__name__)
@@ -66,16 +67,6 @@ def load_input(cfg: BatchJobConfig) -> tuple[list[dict], list[dict]]:
     return items, rejects
 
 
-def has_chat_template(model_dir: str | Path) -> bool:
-    d = Path(model_dir)
-    if (d / "chat_template.jinja").exists() or (d / "chat_template.json").exists():
-        return True
-    try:
-        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError):
-        return False
-
-
 def _fingerprint_input(path: str) -> str:
     p, h = Path(path), hashlib.sha256()
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
@@ -86,30 +77,37 @@ def _fingerprint_input(path: str) -> str:
 
 
 def manifest(cfg: BatchJobConfig, num_rows: int) -> dict:
-    """What the shards depend on; a re-run with any of it changed must not mix shards."""
+    """What the shards depend on (the cache key of teacher output): a re-run with any of it changed
+    must not mix shards. ``model_weights`` tells a teacher retrained into the same directory apart."""
+    from rayapp.models.io import model_stamp, resolve_model
+
     return {
         "input": str(Path(cfg.input).resolve()), "input_sha256": _fingerprint_input(cfg.input), "num_rows": num_rows,
         "max_rows": cfg.max_rows, "rows_per_shard": cfg.rows_per_shard, "task": cfg.task, "model": cfg.model.path,
+        "model_weights": model_stamp(resolve_model(cfg.model.path)), "chat": cfg.chat,
         "sampling": cfg.sampling.model_dump(), "rationales": cfg.rationales.model_dump() if cfg.task == "rationales" else None,
         "max_model_len": cfg.engine.max_model_len,
     }
 
 
-def check_manifest(out: Path, new: dict) -> None:
+def check_manifest(out: Path, new: dict, restart_on_change: bool = False) -> None:
+    """Keep the shards of the run ``new`` describes; those of another run raise BatchResumeError,
+    or with ``restart_on_change`` are removed (a cache whose key changed)."""
     path = out / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
+        if changed and restart_on_change:
+            log.info("%s: %s changed; generating again", out, ", ".join(changed))
+            shutil.rmtree(out / "shards", ignore_errors=True)
+            path.unlink()
+        elif changed:
             raise BatchResumeError(
                 f"{out}: holds shards of a different run ({', '.join(changed)} changed since {path} was written); "
                 f"use a new output_dir, or delete {out} to start over"
             )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(new, indent=1))
-        os.replace(tmp, path)
+    if not path.exists():
+        write_text_atomic(path, json.dumps(new, indent=1))
 
 
 # -- the work inside a replica -----------------------------------------------------------------
@@ -196,11 +194,13 @@ def done_shards(out: Path, num_shards: int) -> set[int]:
     return {k for k in range(num_shards) if shard_path(out, k).exists()}
 
 
-def write_shard(out: Path, k: int, results: list[dict]) -> dict:
+def write_shard(out: Path, k: int, results: list[dict], generate_s: float = 0.0) -> dict:
+    """Write shard ``k``; ``generate_s``: the wall time it took since the previous shard (or the start),
+    summed in stats.json so that teacher output keeps the time it cost."""
     results = sorted(results, key=lambda r: r["row"])
     ok = [r for r in results if r["status"] == "ok"]
     rejects = [{key: r.get(key) for key in ("row", "where", "reason", "detail")} for r in results if r["status"] != "ok"]
-    stats: dict[str, Any] = {"rows_in": len(results), "written": len(ok)}
+    stats: dict[str, Any] = {"rows_in": len(results), "written": len(ok), "generate_s": round(generate_s, 1)}
     if any("tokens" in r for r in ok):  # generated tokens (task: generate; rationale rows do not count them)
         stats["tokens"] = sum(r.get("tokens", 0) for r in ok)
     for rej in rejects:
@@ -224,6 +224,7 @@ def assemble(out: Path, num_shards: int) -> dict:
     write_jsonl_atomic(out / "output.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k))))
     write_jsonl_atomic(out / "rejects.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k, "rejects"))))
     total["shards"] = num_shards
+    total["generate_s"] = round(total.get("generate_s", 0.0), 1)
     (out / "stats.json").write_text(json.dumps(total, indent=1))
     return total
 
@@ -253,8 +254,10 @@ def validate(cfg: BatchJobConfig) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: BatchJobConfig) -> dict:
-    from rayapp.models.io import resolve_model
+def run(cfg: BatchJobConfig, restart_on_change: bool = False) -> dict:
+    """The job; ``restart_on_change``: shards of a run with another manifest are removed instead of
+    refused (distillation's teacher rationales: a cache)."""
+    from rayapp.models.io import resolve_model, wants_chat
     from rayapp.runtime import check_resources, ensure_ray
     from rayapp.teachers.pool import engine_env
 
@@ -263,8 +266,8 @@ def run(cfg: BatchJobConfig) -> dict:
     items, load_rejects = load_input(cfg)
     n = _check_input(cfg, items, load_rejects)  # same checks and messages as `rayapp validate`
     num_shards = -(-n // cfg.rows_per_shard)
-    check_manifest(out, manifest(cfg, n))
-    (out / "config.resolved.yaml").write_text(dump_config(cfg))
+    check_manifest(out, manifest(cfg, n), restart_on_change)
+    write_resolved_config(cfg, out)
     done = done_shards(out, num_shards)
     pending: dict[int, list[dict]] = {k: [] for k in range(num_shards) if k not in done}
     expected = {k: min(cfg.rows_per_shard, n - k * cfg.rows_per_shard) for k in pending}
@@ -277,10 +280,11 @@ def run(cfg: BatchJobConfig) -> dict:
     log.info("%s: %d rows in %d shards; %d shards already written, %d rows to generate", cfg.name, n, num_shards, len(done), len(todo))
 
     rows_generated = 0
+    last_shard = started
     if todo:
         ray = ensure_ray()
         model_dir = str(resolve_model(cfg.model.path))
-        chat = {"always": True, "never": False}.get(cfg.chat, has_chat_template(model_dir))
+        chat = wants_chat(cfg.chat, model_dir)
         lo, hi = cfg.concurrency
         eng = cfg.engine
         gpus = eng.tensor_parallel_size if eng.use_gpu else 0
@@ -305,7 +309,9 @@ def run(cfg: BatchJobConfig) -> dict:
             pending[k].append(result)
             rows_generated += 1
             if len(pending[k]) == expected[k]:
-                stats = write_shard(out, k, pending.pop(k))
+                now = time.perf_counter()
+                stats = write_shard(out, k, pending.pop(k), now - last_shard)
+                last_shard = now
                 log.info("shard %d/%d written: %d rows, %d rejected (%.1f rows/s so far)", k + 1, num_shards,
                          stats["written"], stats["rows_in"] - stats["written"], rows_generated / (time.perf_counter() - started))
     for k in list(pending):  # shards whose rows were all rejected at load time

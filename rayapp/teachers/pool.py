@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from rayapp.errors import UserError
 from rayapp.teachers import EMPTY_PROMPT, PROMPT_TOO_LONG, Completion
 
 log = logging.getLogger(__name__)
+WEIGHT_TRANSFER_STEPS = ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update")
 
 
 class EngineInputError(UserError, ValueError):
@@ -194,16 +193,17 @@ class LocalEngine:
     def load_state(self, state: dict) -> float:
         """Write a state dict to /dev/shm as safetensors and reload from there (tensors cannot go
         through collective_rpc on CPU: they arrive as lists)."""
-        from safetensors.torch import save_file
+        from rayapp.teachers.weight_sync import shm_weights
 
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.mkdtemp(prefix="rayapp-weights-", dir=shm)
-        try:
-            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-            save_file(tensors, os.path.join(tmp, "model.safetensors"))
-            return self.reload_weights(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with shm_weights(state) as weights_dir:
+            return self.reload_weights(weights_dir)
+
+    def weight_transfer(self, step: str, *args):
+        """One step of vLLM's weight-transfer protocol on this engine (GPU weight sync over NCCL:
+        init_weight_transfer_engine, start_weight_update, update_weights, finish_weight_update)."""
+        if step not in WEIGHT_TRANSFER_STEPS:
+            raise ValueError(f"weight_transfer: unknown step {step!r}; expected one of {WEIGHT_TRANSFER_STEPS}")
+        return getattr(self.llm, step)(*args)
 
     def sleep(self) -> None:
         self.llm.sleep(level=1)
@@ -269,16 +269,10 @@ class VLLMEnginePool:
         rows.sort(key=lambda r: (r["prompt_index"], r.get("sample_index", 0)))
         return _to_completions(rows)
 
-    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[float]]:
-        """Logprob of each token given its prefix: ``len(seq) - 1`` values per sequence (the first
-        token has none). With ``top_k`` > 0, use :meth:`score_top_k` for the top-k per position."""
-        return self._score(sequences, 0)
-
-    def score_top_k(self, sequences: list[list[int]], top_k: int) -> list[list[dict[int, float]]]:
-        """Per position after the first: {token: logprob} for the top_k tokens plus the given token."""
-        return self._score(sequences, top_k)
-
-    def _score(self, sequences, top_k):
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[float]] | list[list[dict[int, float]]]:
+        """Per sequence, ``len(seq) - 1`` entries (the first token has none): the logprob of each
+        token given its prefix (``top_k`` 0), or {token: logprob} for the top_k tokens plus the
+        given one (``top_k`` > 0)."""
         spread = self._spread(len(sequences))
         refs = [a.score.remote([sequences[i] for i in idx], top_k) for a, idx in zip(self.actors, spread, strict=True) if idx]
         out: list = [None] * len(sequences)

@@ -18,8 +18,9 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 
+from rayapp.data.formats import ANSWER_MARKER
+
 TASK_TYPES = ("free", "choice", "yesno", "number")
-ANSWER_MARKER = "So the answer is"  # ends every worked answer: few-shot answers, tuning targets, explain targets
 
 
 @dataclass(frozen=True)

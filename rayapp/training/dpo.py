@@ -1,9 +1,10 @@
 """`kind: dpo` — direct preference optimisation on preference pairs (full or LoRA).
 
-Reads top to bottom: load and encode the pairs on the driver (shared with the reward model
-recipe), then on Ray Train workers: reference log-probs, the shared step loop with the DPO loss
-(units = pairs), export model/ (and adapter/), eval.json with the held-out log-likelihood margin
-of chosen over rejected before and after, report.html.
+Reads top to bottom: load and encode the pairs on the driver (``rayapp.data.preference``, as the
+reward model recipe does), then on Ray Train workers: reference log-probs, the shared step loop
+with the DPO loss (units = pairs), export model/ (and adapter/), then the shared ending: eval.json
+with the held-out log-likelihood margin of chosen over rejected before and after, report.html,
+deploy if asked.
 
 The reference is the starting policy unless ``reference_model`` names another one.
 ``reference: precompute`` scores every pair with it once before the first step (each rank its
@@ -13,25 +14,28 @@ With LoRA the reference is the base with the adapters disabled (no copy of the w
 
 from __future__ import annotations
 
+import contextlib
 import time
 
-from rayapp.training.common import (
-    build_model,
-    check_result,
+from rayapp.data.preference import collate_pairs, count_pairs, format_pair_stats, load_pair_splits
+from rayapp.fileio import write_json_atomic
+from rayapp.training.launch import build_model, launch, worker_context
+from rayapp.training.loop import LossParts, rank_world
+from rayapp.training.outputs import (
     export_model,
-    fit_in_worker,
-    maybe_deploy,
-    prepare_for_ray,
+    final_evaluation,
+    finish,
     prepare_output,
-    write_json_atomic,
+    write_initial_evaluation,
 )
-from rayapp.training.reward_model import collate_pairs, count_pairs, load_pair_splits
 
 
 def validate(cfg) -> str:
-    from rayapp.training.reward_model import validate as validate_pairs
+    from rayapp.models.io import load_tokenizer
 
-    return validate_pairs(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    _, _, stats = load_pair_splits(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed)
+    return format_pair_stats(stats)
 
 
 def pair_logps(model, batch) -> tuple:
@@ -49,7 +53,6 @@ def make_dpo_loss(beta: float, label_smoothing: float, reference=None):
     import torch
 
     from rayapp.algorithms.preference import dpo_loss
-    from rayapp.training.loop import LossParts
 
     def loss_fn(model, batch):
         chosen, rejected = pair_logps(model, batch)
@@ -70,25 +73,27 @@ def make_dpo_loss(beta: float, label_smoothing: float, reference=None):
     return loss_fn
 
 
-def _reference_fn(cfg, config: dict, model, device):
-    """(ref_chosen, ref_rejected) of a batch from the frozen reference."""
-    import contextlib
-
+def frozen_reference(cfg, model, model_dir: str, device):
+    """``reference(batch) -> (ref_chosen, ref_rejected)`` from the frozen reference: with LoRA and no
+    ``reference_model`` the base with the adapters disabled, else reference_model (default the
+    starting policy) loaded once more."""
     import torch
 
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    from rayapp.models.io import load_causal_lm, unwrap
+
     if cfg.reference_model is None and cfg.adapter is not None:  # the base: adapters off
-        return lambda batch: _with(inner.disable_adapter(), lambda: pair_logps(inner, batch))
-    from rayapp.models.io import load_causal_lm
+        inner = unwrap(model)
+        context, ref = inner.disable_adapter, inner
+    else:
+        ref = load_causal_lm(cfg.reference_model or model_dir, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+        ref.eval().requires_grad_(False)
+        context = contextlib.nullcontext
 
-    ref = load_causal_lm(cfg.reference_model or config["model_dir"], cfg.model.dtype, cfg.model.trust_remote_code).to(device)
-    ref.eval().requires_grad_(False)
-    return lambda batch: _with(contextlib.nullcontext(), lambda: pair_logps(ref, batch))
+    def reference(batch):
+        with torch.no_grad(), context():
+            return pair_logps(ref, batch)
 
-
-def _with(ctx, fn):
-    with ctx:
-        return fn()
+    return reference
 
 
 def precompute_reference(items: list[dict], reference, collate, micro_batch_size: int, device) -> list[dict]:
@@ -96,7 +101,7 @@ def precompute_reference(items: list[dict], reference, collate, micro_batch_size
     import torch
     import torch.distributed as dist
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     mine = list(range(rank, len(items), world))
     values: dict[int, tuple[float, float]] = {}
     with torch.no_grad():
@@ -114,50 +119,37 @@ def precompute_reference(items: list[dict], reference, collate, micro_batch_size
 
 def dpo_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray
-    import torch
+    from rayapp.models.io import load_tokenizer, unwrap
 
-    from rayapp.config.loader import load_job_dict
-    from rayapp.models.io import load_tokenizer
-    from rayapp.training.launch import worker_setup
-
-    cfg = load_job_dict(config["job"])
-    env = worker_setup(cfg.resources.cpus_per_worker)
-    device = env["device"]
-    train_items = ray.get(config["train"])
-    val_items = ray.get(config["val"]) if config["val"] is not None else None
-    tokenizer = load_tokenizer(config["model_dir"])
-    model = prepare_for_ray(build_model(config["model_dir"], cfg), cfg.resources.strategy)
+    w = worker_context(config)
+    cfg, data = w.cfg, w.payload
+    tokenizer = load_tokenizer(data["model_dir"])
+    model = w.prepare(build_model(data["model_dir"], cfg))
     pad_id = tokenizer.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
+    train_items, val_items = data["train"], data["val"]
     mb = cfg.train.micro_batch_size
 
     if cfg.reference == "precompute":
         if cfg.reference_model is None:  # the policy before its first step is the reference
-            inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            inner = unwrap(model).eval()
             reference = lambda batch: pair_logps(inner, batch)  # noqa: E731
-            inner.eval()
         else:
-            reference = _reference_fn(cfg, config, model, device)
-        train_items = precompute_reference(train_items, reference, collate, mb, device)
-        val_items = precompute_reference(val_items, reference, collate, mb, device) if val_items else None
+            reference = frozen_reference(cfg, model, data["model_dir"], w.device)
+        train_items = precompute_reference(train_items, reference, collate, mb, w.device)
+        val_items = precompute_reference(val_items, reference, collate, mb, w.device) if val_items else None
         loss_fn = make_dpo_loss(cfg.beta, cfg.label_smoothing)
         del reference
     else:
-        loss_fn = make_dpo_loss(cfg.beta, cfg.label_smoothing, _reference_fn(cfg, config, model, device))
+        loss_fn = make_dpo_loss(cfg.beta, cfg.label_smoothing, frozen_reference(cfg, model, data["model_dir"], w.device))
 
-    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=collate, count_fn=count_pairs,
-                  loss_fn=loss_fn, device=device, unit="pairs", initial_eval=True)
-    export_model(model, tokenizer, cfg, env["rank"])
+    write_initial_evaluation(w, model, val_items, collate, count_pairs, loss_fn)
+    w.fit(model, train_items=train_items, val_items=val_items, collate=collate, count_fn=count_pairs, loss_fn=loss_fn, unit="pairs")
+    export_model(model, tokenizer, cfg, w.rank)
 
 
 def run(cfg) -> dict:
-    import json
-
     from rayapp.models.io import load_tokenizer, resolve_model
-    from rayapp.runtime import ensure_ray
-    from rayapp.training.launch import launch
-    from rayapp.training.report import write_report
 
     t0 = time.perf_counter()
     out = prepare_output(cfg)
@@ -165,33 +157,9 @@ def run(cfg) -> dict:
     if cfg.reference_model:
         resolve_model(cfg.reference_model)  # fail on the driver when it does not exist
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
-    train, val, stats = load_pair_splits(cfg, tokenizer)
+    train, val, stats = load_pair_splits(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed)
     write_json_atomic(out / "data_stats.json", stats)
     print(f"[{cfg.name}] {len(train)} training pairs, {len(val or [])} validation pairs, beta {cfg.beta}, reference: {cfg.reference}", flush=True)
-    ray = ensure_ray()
-    worker_config = {
-        "job": cfg.model_dump(mode="json"),
-        "model_dir": str(model_dir),
-        "train": ray.put(train),
-        "val": ray.put(val) if val else None,
-    }
-    final = check_result(launch(dpo_worker, worker_config, cfg), cfg)
-    evaluation = {k: v for k, v in final.items() if k.startswith("val_") or k in ("loss", "reward_accuracy", "logp_margin", "step")}
-    initial = out / "initial_eval.json"
-    if initial.exists():
-        evaluation.update({f"initial_{k}": v for k, v in json.loads(initial.read_text()).items()})
-    evaluation["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(out / "eval.json", evaluation)
-    report = write_report(
-        out,
-        title=f"{cfg.name} (dpo)",
-        data_stats=stats,
-        evaluation=evaluation,
-        curves={"loss": "DPO loss", "val_loss": "validation DPO loss"},
-    )
-    summary = {"output_dir": str(out), "model": str(out / "model"), "report": str(report)}
-    if cfg.adapter is not None and (out / "adapter").exists():
-        summary["adapter"] = str(out / "adapter")
-    summary.update({k: round(v, 4) for k, v in evaluation.items() if isinstance(v, float)})
-    summary.update(maybe_deploy(cfg, out / "model"))
-    return summary
+    final = launch(dpo_worker, cfg, model_dir=str(model_dir), train=train, val=val)
+    return finish(cfg, final_evaluation(final, ("loss", "reward_accuracy", "logp_margin", "step")), started=t0,
+                  title=f"{cfg.name} (dpo)", data_stats=stats, curves={"loss": "DPO loss", "val_loss": "validation DPO loss"})

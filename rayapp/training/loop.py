@@ -1,5 +1,6 @@
-"""The step loop every training recipe shares: data order, gradient accumulation, schedule,
-evaluation, checkpoints, metrics and progress.
+"""The step loop every training recipe shares: data order, gradient accumulation, the optimizer
+and its schedule (:func:`build_optimizer`, also used by the RL loop), evaluation, checkpoints,
+metrics and progress.
 
 It is plain PyTorch. Ray Train enters only through the ``Reporter`` a recipe passes in
 (``RayReporter`` in launch.py), so the loop also runs in a single process (tests, notebooks).
@@ -15,13 +16,13 @@ DDP averages gradients over ranks, so each rank scales its loss by ``world_size`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from rayapp.algorithms.sft import response_mask
 from rayapp.config.base import TrainConfig
-from rayapp.data.readers import read_jsonl, write_jsonl_atomic
+from rayapp.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 
 PROGRESS_EVERY_S = 2.0  # seconds between progress lines
 
@@ -77,16 +79,30 @@ class LoopResult:
     resumed_from: int | None
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (a no-op in one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over ranks, in one all-reduce; every rank passes the same names."""
+    names = sorted(sums)
+    total = all_reduce(torch.tensor([float(sums[k]) for k in names], dtype=torch.float64))
+    return dict(zip(names, total.tolist(), strict=True))
+
+
+def count_supervised(batch) -> int:
+    """The loop's ``count_fn`` when the unit is a supervised (response) token."""
+    return int(response_mask(batch["labels"]).sum())
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -132,10 +148,65 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return _PERM_CACHE[key]
 
 
+@dataclass
+class Optimization:
+    """The optimizer, its learning-rate schedule, and where a resumed run continues."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    resumed_step: int | None = None  # the checkpoint's step when resumed from one
+    start_optimizer_steps: int = 0
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken, counting those of the run this one resumed."""
+        return self.start_optimizer_steps + self.scheduler.last_epoch
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, *, checkpoint: str | None = None,
+                    extra_modules: dict[str, torch.nn.Module] | None = None, lr_multipliers: dict[str, float] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Optimization:
+    """The optimizer and learning-rate schedule of every recipe, resumed from ``checkpoint`` if given.
+
+    AdamW over the trainable parameters at ``cfg.peak_lr`` with ``cfg.weight_decay``; parameters
+    whose name contains a key of ``lr_multipliers`` form their own group at that multiple (the
+    RL value head). ``optimizer`` replaces AdamW (plain SGD in tests). The schedule is
+    :func:`lr_lambda` over ``total_steps``.
+
+    Resume rule: model, optimizer and ``extra_modules`` state come from the checkpoint, and the
+    learning rate follows *this* run's schedule from the checkpoint's optimizer step (a re-run may
+    change max_steps or epochs): the schedule is built after loading, starting at that step.
+    """
+    if optimizer is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups: dict[float, list] = {}
+        for n, p in named:
+            mult = next((m for key, m in (lr_multipliers or {}).items() if key in n), 1.0)
+            groups.setdefault(mult, []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.peak_lr * m} for m, ps in groups.items()],
+                                      lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:  # the schedule's base rate, as LambdaLR records it (and checkpoints hold it)
+        group.setdefault("initial_lr", group["lr"])
+    resumed_step, done = None, 0
+    if checkpoint:
+        resumed_step, done = load_checkpoint(checkpoint, model, optimizer, extra_modules)
+    schedule = lr_lambda(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: schedule(done + k))
+    return Optimization(optimizer, scheduler, resumed_step, done)
+
+
 def fit(
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     train_items: list,
     val_items: list | None,
     collate: Callable[[list], dict],
@@ -149,14 +220,19 @@ def fit(
     unit: str = "tok",
     device: torch.device | str = "cpu",
     extra_modules: dict[str, torch.nn.Module] | None = None,
+    after_step: Callable[[], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> LoopResult:
     """Train ``model`` for the configured steps. Every rank calls this with the same arguments.
 
-    ``extra_modules`` are modules whose state is not in ``model`` or the optimizer but changes as
-    training goes (an EMA teacher): saved in every checkpoint from rank 0 and restored on resume on
-    every rank, so a resumed run continues from the same state instead of re-initialising it.
+    The optimizer comes from :func:`build_optimizer` (``optimizer`` replaces its AdamW), resumed
+    from the reporter's latest checkpoint when there is one. ``after_step()`` runs after every
+    optimizer step (an EMA teacher update). ``extra_modules`` are modules whose state is not in
+    ``model`` or the optimizer but changes as training goes (an EMA teacher): saved in every
+    checkpoint from rank 0 and restored on resume on every rank, so a resumed run continues from
+    the same state instead of re-initialising it.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(train_items)
     G = cfg.global_batch_size
     if G % (micro_batch_size * world):
@@ -164,70 +240,56 @@ def fit(
     per_rank = G // world
     total = total_steps_for(cfg, n)
     params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
-
-    start_step, resumed_from = 0, None
     ckpt = reporter.latest_checkpoint()
-    if ckpt:
-        start_step = _load_checkpoint(ckpt, model, optimizer, scheduler, extra_modules)
-        resumed_from = start_step
-        # The learning rate follows this run's schedule (a re-run may change max_steps or epochs).
-        schedule = lr_lambda(cfg, total)
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base * schedule(start_step)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        if rank == 0:
-            print(f"[{name}] resuming from checkpoint at step {start_step} ({ckpt})", flush=True)
+    opt = build_optimizer(model, cfg, total, checkpoint=ckpt, extra_modules=extra_modules, optimizer=optimizer)
+    if after_step is not None:
+        opt.optimizer.register_step_post_hook(lambda *_: after_step())
+    start_step = opt.resumed_step or 0
+    if ckpt and rank == 0:
+        print(f"[{name}] resuming from checkpoint at step {start_step} ({ckpt})", flush=True)
     if rank == 0 and metrics_path:
-        _truncate_metrics(Path(metrics_path), start_step)
+        truncate_metrics(Path(metrics_path), start_step)
 
     torch.manual_seed(cfg.seed + 1000 * rank + start_step)
     last_metrics: dict = {}
     t_start = last_print = time.perf_counter()
-    tokens_seen = 0
     for step in range(start_step, total):
         t0 = time.perf_counter()
         model.train()
         idx = global_batch_indices(step, n, G, cfg.seed)[rank::world]
         batches = [collate([train_items[i] for i in idx[k : k + micro_batch_size]]) for k in range(0, per_rank, micro_batch_size)]
         local_count = sum(count_fn(b) for b in batches)
-        global_count = int(_all_reduce(torch.tensor([local_count], dtype=torch.long)).item())
+        global_count = int(all_reduce(torch.tensor([local_count], dtype=torch.long)).item())
         scale = world / max(1, global_count)
-        loss_total = torch.zeros((), dtype=torch.float64)
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, float] = {"loss": 0.0}
         for k, batch in enumerate(batches):
             batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
             sync = k == len(batches) - 1
-            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
-            with ctx:
+            with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
                 parts = loss_fn(model, batch)
                 (parts.loss_sum * scale).backward()
-            loss_total += parts.loss_sum.detach().double().cpu()
+            sums["loss"] += float(parts.loss_sum.detach().double())
             for key, v in parts.sums.items():
-                sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                sums[key] = sums.get(key, 0.0) + float(v.detach().double())
         grad_norm = None
         if cfg.max_grad_norm is not None and params:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = opt.lr
+        opt.step()
 
-        keys = sorted(sums)
-        red = _all_reduce(torch.stack([loss_total] + [sums[k] for k in keys]))
+        totals = all_reduce_sums(sums)
         dt = time.perf_counter() - t0
-        tokens_seen += global_count
-        metrics = {"step": step + 1, "epoch": round((step + 1) * G / n, 4), "loss": float(red[0]) / max(1, global_count), "lr": lr}
-        metrics.update({k: float(v) / max(1, global_count) for k, v in zip(keys, red[1:], strict=True)})
+        metrics = {"step": step + 1, "epoch": round((step + 1) * G / n, 4), "loss": totals.pop("loss") / max(1, global_count), "lr": lr}
+        metrics.update({k: v / max(1, global_count) for k, v in totals.items()})
         metrics.update({"units": global_count, "units_per_s": global_count / dt, "step_time_s": dt})
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         done = step + 1 == total
         if val_items and ((step + 1) % cfg.eval_every == 0 or done):
             metrics.update(evaluate(model, val_items, collate, count_fn, loss_fn, micro_batch_size, device))
-        ckpt_dir = None
-        if (step + 1) % cfg.checkpoint_every == 0 or done:
-            ckpt_dir = _save_checkpoint(model, optimizer, scheduler, step + 1, extra_modules, rank)
+        at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 or done
+        ckpt_dir = save_checkpoint(model, optimizer=opt.optimizer, step=step + 1, optimizer_steps=opt.optimizer_steps,
+                                   extra_modules=extra_modules, rank=rank) if at_checkpoint else None
         if rank == 0:
             if metrics_path and ((step + 1) % cfg.log_every == 0 or done or "val_loss" in metrics):
                 with open(metrics_path, "a") as f:
@@ -238,20 +300,20 @@ def fit(
             if step == start_step or done or "val_loss" in metrics or now - last_print >= PROGRESS_EVERY_S:
                 _progress(name, unit, step + 1, total, metrics, now - t_start, step + 1 - start_step)
                 last_print = now
-        if (step + 1) % cfg.checkpoint_every == 0 or done:
+        if at_checkpoint:
             # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
             # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
             reporter.report(metrics, ckpt_dir)
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         last_metrics = metrics
-    return LoopResult(step=total, metrics=last_metrics, resumed_from=resumed_from)
+    return LoopResult(step=total, metrics=last_metrics, resumed_from=opt.resumed_step)
 
 
 @torch.no_grad()
 def evaluate(model, items, collate, count_fn, loss_fn, micro_batch_size, device="cpu") -> dict:
     """Validation loss (and metric sums) over ``items``, sharded over ranks, as global per-unit means."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     model.eval()
     mine = items[rank::world]
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -268,7 +330,7 @@ def evaluate(model, items, collate, count_fn, loss_fn, micro_batch_size, device=
     keys = sorted(sums)
     # Every rank must take part in the all-reduce with the same keys, even with no items.
     keys = _agree_keys(keys)
-    red = _all_reduce(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)] + [sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys]))
+    red = all_reduce(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)] + [sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys]))
     total = max(1.0, float(red[1]))
     out = {"val_loss": float(red[0]) / total}
     out.update({f"val_{k}": float(v) / total for k, v in zip(keys, red[2:], strict=True)})
@@ -282,76 +344,6 @@ def _agree_keys(keys: list[str]) -> list[str]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, keys)
     return sorted(set().union(*[set(g) for g in gathered]))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _full_state(model, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) state dicts of the trainable parameters and the optimizer.
-
-    A collective under FSDP (every rank must call it); plain state dicts under DDP or one process.
-    Frozen parameters (the base model under LoRA) are left out: they are reloaded from model.path.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    distributed = dist.is_available() and dist.is_initialized()
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=distributed, ignore_frozen_params=True)
-    return get_state_dict(model, optimizer, options=opts)
-
-
-def _save_checkpoint(model, optimizer, scheduler, step: int, extra_modules: dict | None, rank: int) -> str | None:
-    """Every rank calls this; rank 0 writes the checkpoint directory and returns its path."""
-    model_sd, optim_sd = _full_state(model, optimizer)
-    if rank != 0:
-        return None
-    d = tempfile.mkdtemp(prefix=f"rayapp-ckpt-{step}-")
-    torch.save(
-        {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "extra": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in (extra_modules or {}).items()},
-        },
-        os.path.join(d, "state.pt"),
-    )
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump({"step": step, "format": "rayapp-ckpt-v1"}, f)
-    return d
-
-
-def _load_checkpoint(path: str, model, optimizer, scheduler, extra_modules: dict | None = None) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=False),
-    )
-    scheduler.load_state_dict(state["scheduler"])
-    for key, module in (extra_modules or {}).items():
-        if key not in state.get("extra", {}):
-            raise RuntimeError(f"checkpoint {path} has no state for {key!r} (saved by an older version?); "
-                               "start from scratch with a new output_dir")
-        module.load_state_dict(state["extra"][key])
-    with open(os.path.join(path, "meta.json")) as f:
-        return int(json.load(f)["step"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows a killed run wrote after its last checkpoint (they are re-run)."""
-    if not path.exists():
-        return
-    write_jsonl_atomic(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step] if step else [])
 
 
 def _progress(name: str, unit: str, step: int, total: int, m: dict, elapsed: float, steps_done: int) -> None:

@@ -1,36 +1,47 @@
 """`kind: rlhf` — PPO or GRPO with rollouts from vLLM actors and updates on Ray Train workers.
 
 Reads top to bottom. The driver loads the prompts, starts the rollout engine pool (and the
-reward-model actors), and launches the train workers with the actors' handles. Each iteration,
-inside the workers:
+reward-model actors), and launches the train workers with the pool. ``algorithm`` is an entry of
+``rayapp.algorithms.rl.ALGORITHMS``: its advantage estimator, policy loss and KL estimator are
+looked up in the registries there. Each iteration, inside the workers:
 
 1. rollouts: rank 0 asks the pool for ``sampling.n`` completions of ``rl.prompts_per_iteration``
-   prompts, scores them (rule rewards in-process, reward model on its actors) and broadcasts them;
+   prompts, scores them (rule rewards in-process, reward model on its actors), gives a
+   critic-free algorithm (GRPO) each rollout its advantage within its prompt's group, and
+   broadcasts them;
 2. each rank takes its share and computes, without gradients, the old policy's log-probs (and
-   values for PPO) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0);
-3. advantages: GRPO normalises rewards within each prompt's group; PPO puts ``-kl_coeff * k1``
-   on every token and the score on the last, then GAE with the value head, whitened over the batch;
+   the critic's values) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0);
+3. with a critic (PPO): the KL term (``-kl_coeff * k1``) on every token and the score on the
+   last, then GAE with the value head, whitened over the batch;
 4. ``rl.update_epochs`` passes of clipped policy (+ value) loss, ``train.global_batch_size``
    rollouts per optimizer step, losses normalised by the step's global token count;
-5. weight sync to every engine (``rayapp.training.weight_sync``), timed.
+5. weight sync to every engine (``rayapp.teachers.weight_sync``), timed.
 
 Metrics per iteration go to metrics.jsonl: reward mean/std (and each term), KL to the reference,
 entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
+Then the shared ending: eval.json, report.html, deploy if asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rayapp.training.common import check_result, prepare_output, write_json_atomic
+from rayapp.fileio import write_json_atomic
+from rayapp.training.launch import launch, worker_context
+from rayapp.training.outputs import export_model, finish, prepare_output
 
 SERIES_PLOTS = {
     "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward"},
     "time": {"time_generate_s": "generate", "time_score_s": "score", "time_train_s": "train", "time_sync_s": "sync"},
 }
+LOSS_SUMS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy")  # token sums, all-reduced by name
 
 
 def load_prompts(cfg):
@@ -54,102 +65,128 @@ def validate(cfg) -> str:
 
 
 # -- worker ------------------------------------------------------------------------------------
-def _forward(model, batch, with_values: bool):
-    """(logits, values or None); values (B, T) only from a CausalLMWithValueHead."""
-    if with_values:
-        return model(batch["input_ids"], batch["attention_mask"])
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
+@dataclass
+class PolicyUpdate:
+    """What one worker's update steps work with."""
+
+    cfg: Any
+    algo: Any  # rayapp.algorithms.rl.RLAlgorithm
+    model: Any  # the policy (a CausalLMWithValueHead when the algorithm has a critic), wrapped for DDP
+    opt: Any  # rayapp.training.loop.Optimization
+    ref: Any = None  # batch -> the frozen reference's logits; None when rl.kl_coeff is 0
+    world: int = 1
+    device: Any = "cpu"
+
+    def forward(self, batch):
+        """(logits, values (B, T) from the critic, or None)."""
+        if self.algo.critic:
+            return self.model(batch["input_ids"], batch["attention_mask"])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
 
 
-def _prepare_batches(rollouts, pad_id, mb, model, ref, ppo: bool, device):
-    """Collate this rank's rollouts into micro-batches with old log-probs, reference log-probs and values."""
+def group_advantages(rollouts: list[dict], cfg, algo) -> None:
+    """Critic-free algorithms, on rank 0 where every group is whole: each rollout's advantage from
+    the outcome rewards of its prompt's group (one token reward per rollout: (B, 1))."""
+    import torch
+
+    from rayapp.algorithms.rl import ADVANTAGE_ESTIMATORS
+
+    scores = torch.tensor([[r["score"]] for r in rollouts], dtype=torch.float32)
+    adv, _ = ADVANTAGE_ESTIMATORS[algo.advantage](scores, torch.ones_like(scores), group_size=cfg.sampling.n,
+                                                  scale_by_std=cfg.rl.scale_by_std)
+    for r, a in zip(rollouts, adv[:, 0].tolist(), strict=True):
+        r["advantage"] = a
+
+
+def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[dict]:
+    """Collate this rank's rollouts into micro-batches with old log-probs, reference log-probs, the
+    critic's values, and token advantages where the rollouts carry one (group advantages)."""
     import torch
 
     from rayapp.algorithms.sft import token_logps
     from rayapp.training.rlhf_rollout import collate_rollouts
 
     batches = []
-    model.eval()
+    mb = u.cfg.train.micro_batch_size
+    u.model.eval()
     with torch.no_grad():
         for k in range(0, len(rollouts), mb):
             part = rollouts[k : k + mb]
-            b = {key: v.to(device) for key, v in collate_rollouts(part, pad_id).items()}
-            logits, values = _forward(model, b, ppo)
+            b = {key: v.to(u.device) for key, v in collate_rollouts(part, pad_id).items()}
+            logits, values = u.forward(b)
             b["old_logp"], mask = token_logps(logits, b["labels"])                 # (B, T-1)
             b["mask"] = mask.float()
-            b["ref_logp"] = token_logps(ref(b), b["labels"])[0] if ref is not None else b["old_logp"]
-            if ppo:
+            b["ref_logp"] = token_logps(u.ref(b), b["labels"])[0] if u.ref is not None else b["old_logp"]
+            if values is not None:
                 b["old_values"] = values[:, :-1] * b["mask"]                          # (B, T-1)
-            b["advantage"] = torch.tensor([r.get("advantage", 0.0) for r in part], device=device)
+            if "advantage" in part[0]:
+                b["adv"] = torch.tensor([r["advantage"] for r in part], device=u.device).unsqueeze(-1) * b["mask"]
             batches.append(b)
-    model.train()
+    u.model.train()
     return batches
 
 
-def _all_reduce(t):
-    import torch.distributed as dist
+def token_advantages(u: PolicyUpdate, batches: list[dict]) -> None:
+    """With a critic: the KL term in the token rewards (when the algorithm puts it there), the
+    algorithm's estimator (GAE) on the critic's values, advantages whitened over the whole batch
+    (all ranks)."""
 
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    from rayapp.algorithms.rl import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, kl_penalized_rewards
+    from rayapp.training.loop import all_reduce_sums
 
-
-def _ppo_advantages(batches, cfg):
-    """Token rewards with the KL penalty, GAE, and advantages whitened over the whole batch (all ranks)."""
-    import torch
-
-    from rayapp.algorithms.rl import gae, kl_penalized_rewards
-
+    rl = u.cfg.rl
+    kl_coef = rl.kl_coeff if u.algo.kl_in == "reward" else 0.0
+    estimate = ADVANTAGE_ESTIMATORS[u.algo.advantage]
     for b in batches:
-        rewards = kl_penalized_rewards(b["scores"], b["old_logp"], b["ref_logp"], b["mask"], cfg.rl.kl_coeff)
-        b["adv"], b["returns"] = gae(rewards, b["old_values"], b["mask"], cfg.rl.gamma, cfg.rl.lam)
-    if cfg.rl.whiten_advantages:
-        stats = torch.zeros(3, dtype=torch.float64)
+        rewards = kl_penalized_rewards(b["scores"], b["old_logp"], b["ref_logp"], b["mask"], kl_coef, KL_ESTIMATORS[u.algo.kl])
+        b["adv"], b["returns"] = estimate(rewards, b["mask"], values=b["old_values"], gamma=rl.gamma, lam=rl.lam)
+    if rl.whiten_advantages:
+        m = {"sum": 0.0, "sum_sq": 0.0, "n": 0.0}
         for b in batches:
-            m = b["mask"].double().cpu()
-            a = b["adv"].double().cpu()
-            stats += torch.stack([(a * m).sum(), (a * a * m).sum(), m.sum()])
-        s, ss, n = _all_reduce(stats).tolist()
-        mean = s / max(n, 1.0)
-        std = max(ss / max(n, 1.0) - mean * mean, 0.0) ** 0.5
+            mask, a = b["mask"].double().cpu(), b["adv"].double().cpu()
+            m["sum"] += float((a * mask).sum())
+            m["sum_sq"] += float((a * a * mask).sum())
+            m["n"] += float(mask.sum())
+        m = all_reduce_sums(m)
+        mean = m["sum"] / max(m["n"], 1.0)
+        std = max(m["sum_sq"] / max(m["n"], 1.0) - mean * mean, 0.0) ** 0.5
         for b in batches:
             b["adv"] = (b["adv"] - mean) / (std + 1e-8) * b["mask"]
 
 
-def _update(model, optimizer, scheduler, batches, cfg, world: int, ppo: bool, params):
-    """``rl.update_epochs`` passes over this rank's micro-batches; returns summed metrics."""
+def update(u: PolicyUpdate, batches: list[dict]) -> dict:
+    """``rl.update_epochs`` passes over this rank's micro-batches; returns summed metrics by name."""
     import torch
 
-    from rayapp.algorithms.rl import POLICY_LOSSES, entropy_from_logits, value_loss
+    from rayapp.algorithms.rl import KL_ESTIMATORS, POLICY_LOSSES, entropy_from_logits, value_loss
     from rayapp.algorithms.sft import token_logps
+    from rayapp.training.loop import all_reduce
 
-    policy_loss = POLICY_LOSSES[cfg.algorithm]
-    per_step = cfg.train.global_batch_size // (world * cfg.train.micro_batch_size)  # micro-batches per step
-    kl_in_loss = cfg.rl.kl_coeff if cfg.algorithm == "grpo" else 0.0
-    sums = {k: 0.0 for k in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm")}
+    cfg, rl = u.cfg, u.cfg.rl
+    policy_loss, kl = POLICY_LOSSES[u.algo.policy_loss], KL_ESTIMATORS[u.algo.kl]
+    kl_coef = rl.kl_coeff if u.algo.kl_in == "loss" else 0.0
+    params = [p for p in u.model.parameters() if p.requires_grad]
+    per_step = cfg.train.global_batch_size // (u.world * cfg.train.micro_batch_size)  # micro-batches per step
+    sums = dict.fromkeys((*LOSS_SUMS, "grad_norm"), 0.0)
     n_steps = 0
-    g = torch.Generator().manual_seed(cfg.train.seed + scheduler.last_epoch)
-    for _ in range(cfg.rl.update_epochs):
+    g = torch.Generator().manual_seed(cfg.train.seed + u.opt.optimizer_steps)
+    for _ in range(rl.update_epochs):
         order = torch.randperm(len(batches), generator=g).tolist()
         for s in range(0, len(order), per_step):
             group = [batches[i] for i in order[s : s + per_step]]
-            tokens = _all_reduce(torch.tensor([float(sum(b["mask"].sum().item() for b in group))], dtype=torch.float64))
-            normaliser = max(float(tokens.item()), 1.0) / world  # DDP averages over ranks
+            tokens = all_reduce(torch.tensor([float(sum(b["mask"].sum().item() for b in group))], dtype=torch.float64))
+            normaliser = max(float(tokens.item()), 1.0) / u.world  # DDP averages over ranks
             for j, b in enumerate(group):
                 sync = j == len(group) - 1
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _Null()
-                with ctx:
-                    logits, values = _forward(model, b, ppo)
+                with u.model.no_sync() if (not sync and hasattr(u.model, "no_sync")) else contextlib.nullcontext():
+                    logits, values = u.forward(b)
                     logp, _ = token_logps(logits, b["labels"])
-                    adv = b["adv"] if ppo else b["advantage"].unsqueeze(-1) * b["mask"]
-                    pl, clip_frac, approx_kl = policy_loss(
-                        logp, b["old_logp"], adv, b["mask"], cfg.rl.clip_eps, ref_logp=b["ref_logp"], kl_coef=kl_in_loss, normaliser=normaliser
-                    )
+                    pl, clip_frac, approx_kl = policy_loss(logp, b["old_logp"], b["adv"], b["mask"], rl.clip_eps, ref_logp=b["ref_logp"],
+                                                           kl_coef=kl_coef, normaliser=normaliser, kl=kl)
                     loss = pl
-                    if ppo:
-                        v = values[:, :-1]
-                        vloss, _ = value_loss(v, b["old_values"], b["returns"], b["mask"], cfg.rl.value_clip, normaliser=normaliser)
-                        loss = loss + cfg.rl.value_coeff * vloss
+                    if u.algo.critic:
+                        vloss, _ = value_loss(values[:, :-1], b["old_values"], b["returns"], b["mask"], rl.value_clip, normaliser=normaliser)
+                        loss = loss + rl.value_coeff * vloss
                         sums["value_loss"] += float(vloss.detach()) * normaliser
                     loss.backward()
                 with torch.no_grad():
@@ -161,24 +198,14 @@ def _update(model, optimizer, scheduler, batches, cfg, world: int, ppo: bool, pa
                 sums["approx_kl"] += float(approx_kl) * n_tok
             if cfg.train.max_grad_norm is not None:
                 sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            u.opt.step()
             n_steps += 1
     sums["steps"] = n_steps
     return sums
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _reference(cfg, model_dir, lm, device):
-    """Reference forward ``ref(batch) -> logits``, or None when ``rl.kl_coeff`` is 0."""
+def reference(cfg, model_dir: str, lm, device):
+    """The frozen reference as ``ref(batch) -> logits``, or None when ``rl.kl_coeff`` is 0."""
     if cfg.rl.kl_coeff == 0:
         return None
     if cfg.adapter is not None:  # the base with adapters disabled: no second copy of the weights
@@ -194,139 +221,112 @@ def _reference(cfg, model_dir, lm, device):
 
 def rlhf_worker(config: dict) -> None:
     """Runs on every Ray Train worker: the whole RL loop."""
-    import ray
     import torch
     import torch.distributed as dist
 
-    from rayapp.algorithms.rl import grpo_advantages, kl_k1
-    from rayapp.config.loader import load_job_dict
+    from rayapp.algorithms.rl import ALGORITHMS, kl_k1
     from rayapp.models.io import load_tokenizer
-    from rayapp.models.value_head import CausalLMWithValueHead
-    from rayapp.training.common import build_model, prepare_for_ray
-    from rayapp.training.launch import RayReporter, worker_setup
-    from rayapp.training.loop import (
-        _load_checkpoint,
-        _save_checkpoint,
-        _truncate_metrics,
-        global_batch_indices,
-        lr_lambda,
-    )
+    from rayapp.models.value_head import CausalLMWithValueHead, policy_of
+    from rayapp.teachers.weight_sync import build_weight_sync
+    from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
+    from rayapp.training.launch import build_model
+    from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
-    from rayapp.training.weight_sync import build_weight_sync
 
-    cfg = load_job_dict(config["job"])
-    env = worker_setup(cfg.resources.cpus_per_worker)
-    rank, world, device = env["rank"], env["world"], env["device"]
-    ppo = cfg.algorithm == "ppo"
-    prompts, val_prompts = ray.get(config["prompts"]), (ray.get(config["val"]) if config["val"] is not None else None)
-    tokenizer = load_tokenizer(config["model_dir"])
-    pool = config["pool"]
+    w = worker_context(config)
+    cfg, data = w.cfg, w.payload
+    rank, world, rl = w.rank, w.world, w.cfg.rl
+    algo = ALGORITHMS[cfg.algorithm]
+    prompts, val_prompts, pool = data["prompts"], data["val"], data["pool"]
+    tokenizer = load_tokenizer(data["model_dir"])
     torch.manual_seed(cfg.train.seed)  # the fresh value head is identical on every rank
-    lm = build_model(config["model_dir"], cfg)
-    model = prepare_for_ray(CausalLMWithValueHead(lm) if ppo else lm, cfg.resources.strategy)
-    ref = _reference(cfg, config["model_dir"], lm, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    head = {id(p) for n, p in model.named_parameters() if "value_head" in n}
-    groups = [{"params": [p for p in params if id(p) not in head], "lr": cfg.train.peak_lr}]
-    if head:
-        groups.append({"params": [p for p in params if id(p) in head], "lr": cfg.train.peak_lr * cfg.rl.value_lr_multiplier})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    steps_per_iter = cfg.rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.rl.iterations * steps_per_iter))
-    sync = build_weight_sync(cfg.rl.weight_sync, pool.actors, rank, cfg.resources.use_gpu, cfg.engine.num_engines * cfg.engine.tensor_parallel_size)
-    reporter = RayReporter()
+    lm = build_model(data["model_dir"], cfg)
+    model = w.prepare(CausalLMWithValueHead(lm) if algo.critic else lm)
+    steps_per_iter = rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
+    opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
+                          lr_multipliers={"value_head": rl.value_lr_multiplier})
+    u = PolicyUpdate(cfg, algo, model, opt, reference(cfg, data["model_dir"], lm, w.device), world, w.device)
+    sync = build_weight_sync(rl.weight_sync, pool, rank, cfg.resources.use_gpu)
     metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
-    start = 0
-    ckpt = reporter.latest_checkpoint()
-    if ckpt:
-        start = _load_checkpoint(ckpt, model, optimizer, scheduler)
+    start = opt.resumed_step or 0
+    if opt.resumed_step is not None:
         sync.push(model)  # the engines start from model.path: give them the resumed policy
         if rank == 0:
-            print(f"[{cfg.name}] resuming at iteration {start} ({ckpt})", flush=True)
+            print(f"[{cfg.name}] resuming at iteration {start}", flush=True)
     if rank == 0:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
 
-    n = cfg.sampling.n
-    for it in range(start, cfg.rl.iterations):
+    for it in range(start, rl.iterations):
         t_iter = time.perf_counter()
         box = [None]
         if rank == 0:
-            idx = global_batch_indices(it, len(prompts), cfg.rl.prompts_per_iteration, cfg.train.seed)
-            rollouts, timing = collect_rollouts(
-                pool, [prompts[i] for i in idx], cfg.sampling, tokenizer, config["reward"], config["reward_actors"], cfg.rl.reward_model_weight
-            )
-            if cfg.algorithm == "grpo":
-                adv = grpo_advantages(torch.tensor([r["score"] for r in rollouts]), n, scale_by_std=cfg.rl.scale_by_std)
-                for r, a in zip(rollouts, adv.tolist(), strict=True):
-                    r["advantage"] = a
+            idx = global_batch_indices(it, len(prompts), rl.prompts_per_iteration, cfg.train.seed)
+            rollouts, timing = collect_rollouts(pool, [prompts[i] for i in idx], cfg.sampling, tokenizer, data["reward"],
+                                                data["reward_actors"], rl.reward_model_weight)
+            if not algo.critic:
+                group_advantages(rollouts, cfg, algo)
             box = [(rollouts, timing)]
         if world > 1:
             dist.broadcast_object_list(box, src=0)
         rollouts, timing = box[0]
         t_score = time.perf_counter()
-        batches = _prepare_batches(rollouts[rank::world], tokenizer.pad_token_id, cfg.train.micro_batch_size, model, ref, ppo, device)
-        if ppo:
-            _ppo_advantages(batches, cfg)
+        batches = prepare_batches(u, rollouts[rank::world], tokenizer.pad_token_id)
+        if algo.critic:
+            token_advantages(u, batches)
         t_train = time.perf_counter()
-        sums = _update(model, optimizer, scheduler, batches, cfg, world, ppo, params)
+        sums = update(u, batches)
         t_sync = time.perf_counter()
         sync_s = sync.push(model)
         t_end = time.perf_counter()
 
-        # -- metrics: token sums all-reduced; rollout stats from the full batch every rank holds
-        kl = sum(float((kl_k1(b["old_logp"], b["ref_logp"]) * b["mask"]).sum()) for b in batches)
-        toks = sum(float(b["mask"].sum()) for b in batches)
-        red = _all_reduce(torch.tensor([kl, toks] + [sums[k] for k in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy")], dtype=torch.float64)).tolist()
-        tokens = max(red[1], 1.0)
-        steps = max(1, sums["steps"])
+        # -- metrics: token sums all-reduced by name; rollout stats from the full batch every rank holds
+        local = {k: sums[k] for k in LOSS_SUMS}
+        local["kl_ref"] = sum(float((kl_k1(b["old_logp"], b["ref_logp"]) * b["mask"]).sum()) for b in batches)  # mean k1
+        local["tokens"] = sum(float(b["mask"].sum()) for b in batches)
+        red = all_reduce_sums(local)
+        per_token = max(red["tokens"], 1.0)
+        per_update = per_token * rl.update_epochs
         scores = torch.tensor([r["score"] for r in rollouts])
         m = {
             "step": it + 1,
             "reward_mean": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl_ref": red[0] / tokens,
-            "policy_loss": red[2] / tokens / cfg.rl.update_epochs,
-            "clip_fraction": red[4] / tokens / cfg.rl.update_epochs,
-            "approx_kl": red[5] / tokens / cfg.rl.update_epochs,
-            "entropy": red[6] / tokens / cfg.rl.update_epochs,
+            "kl_ref": red["kl_ref"] / per_token,
+            **{k: red[k] / per_update for k in LOSS_SUMS if k != "value_loss" or algo.critic},
             "response_len": sum(len(r["response_ids"]) for r in rollouts) / len(rollouts),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": sums["grad_norm"] / steps,
+            "lr": opt.lr,
+            "grad_norm": sums["grad_norm"] / max(1, sums["steps"]),
             "time_generate_s": timing["generate_s"],
             "time_score_s": timing["reward_s"] + (t_train - t_score),
             "time_train_s": t_sync - t_train,
             "time_sync_s": sync_s,
         }
-        if ppo:
-            m["value_loss"] = red[3] / tokens / cfg.rl.update_epochs
         for key in rollouts[0]["parts"]:
             m[key] = sum(r["parts"].get(key, 0.0) for r in rollouts) / len(rollouts)
         m.update({f"sync_{k}": v for k, v in getattr(sync, "last", {}).items()})
         m["time_iteration_s"] = t_end - t_iter  # on rank 0, which writes the metrics, this includes generation
         m["sync_share"] = m["time_sync_s"] / max(m["time_iteration_s"], 1e-9)
-        done = it + 1 == cfg.rl.iterations
-        if cfg.rl.eval_prompts and val_prompts and rank == 0 and ((it + 1) % cfg.train.eval_every == 0 or done or it == start):
-            m["eval_reward"] = evaluate_greedy(pool, val_prompts[: cfg.rl.eval_prompts], cfg, config["reward"])
+        done = it + 1 == rl.iterations
+        if rl.eval_prompts and val_prompts and rank == 0 and ((it + 1) % cfg.train.eval_every == 0 or done or it == start):
+            m["eval_reward"] = evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])
         ckpt_dir = None
         if (it + 1) % cfg.train.checkpoint_every == 0 or done:
-            ckpt_dir = _save_checkpoint(model, optimizer, scheduler, it + 1, None, rank)
+            ckpt_dir = save_checkpoint(model, opt.optimizer, it + 1, opt.optimizer_steps, None, rank)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             print(
-                f"[{cfg.name}] iter {it + 1}/{cfg.rl.iterations} reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} "
+                f"[{cfg.name}] iter {it + 1}/{rl.iterations} reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} "
                 f"kl {m['kl_ref']:.4f} len {m['response_len']:.1f} clip {m['clip_fraction']:.3f} | gen {m['time_generate_s']:.1f}s "
                 f"score {m['time_score_s']:.1f}s train {m['time_train_s']:.1f}s sync {m['time_sync_s'] * 1000:.0f}ms",
                 file=sys.__stdout__,  # Ray Train patches print() to also log it, which shows every line twice
                 flush=True,
             )
-        reporter.report(m, ckpt_dir)
+        w.reporter.report(m, ckpt_dir)
         if ckpt_dir:
-            import shutil
-
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     sync.close()
-    _export(model, tokenizer, cfg, rank)
+    export_model(policy_of(model), tokenizer, cfg, rank)  # the policy without the value head
 
 
 def evaluate_greedy(pool, prompts, cfg, reward) -> float:
@@ -340,30 +340,14 @@ def evaluate_greedy(pool, prompts, cfg, reward) -> float:
     return total / max(1, len(outs))
 
 
-def _export(model, tokenizer, cfg, rank: int) -> None:
-    """model/ (and adapter/) of the policy, without the value head."""
-    if rank != 0:
-        return
-    from rayapp.models.io import save_model_atomic
-    from rayapp.models.lora import export_lora
-    from rayapp.training.weight_sync import unwrap
-
-    lm = unwrap(model).to("cpu")
-    if cfg.adapter is not None:
-        export_lora(lm, tokenizer, cfg.output_dir, cfg.adapter.export)
-    else:
-        save_model_atomic(lm, tokenizer, Path(cfg.output_dir) / "model")
-
-
 # -- driver ------------------------------------------------------------------------------------
 def run(cfg, pool=None) -> dict:
     """Run the job; ``pool`` reuses running rollout engines (kept running afterwards; tests, benches)."""
     from rayapp.models.io import resolve_model
+    from rayapp.report import plot_curves, read_metrics
     from rayapp.rewards import build_reward
     from rayapp.runtime import check_resources, ensure_ray
     from rayapp.teachers.pool import VLLMEnginePool
-    from rayapp.training.launch import launch
-    from rayapp.training.report import plot_curves, read_metrics, write_report
     from rayapp.training.rlhf_rollout import start_reward_actors
 
     t0 = time.perf_counter()
@@ -393,35 +377,21 @@ def run(cfg, pool=None) -> dict:
     try:
         if rm_dir:
             reward_actors = start_reward_actors(str(rm_dir), cfg.rl.reward_model_actors, cfg.rl.reward_model_cpus)
-        worker_config = {
-            "job": cfg.model_dump(mode="json"),
-            "model_dir": str(model_dir),
-            "prompts": ray.put(prompts),
-            "val": ray.put(val) if val else None,
-            "pool": pool,
-            "reward": reward,
-            "reward_actors": reward_actors,
-        }
-        check_result(launch(rlhf_worker, worker_config, cfg), cfg)
+        launch(rlhf_worker, cfg, model_dir=str(model_dir), prompts=prompts, val=val, pool=pool, reward=reward,
+               reward_actors=reward_actors)
     finally:
         if own_pool:
             pool.shutdown()
         for a in reward_actors:
             ray.kill(a)
     rows = read_metrics(out / "metrics.jsonl")
-    evaluation = summarize(rows)
-    evaluation["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(out / "eval.json", evaluation)
     sections = []
     for name, series in SERIES_PLOTS.items():
         png = plot_curves(rows, series, out / "plots" / f"{name}.png", name, "reward" if name == "reward" else "seconds")
         if png:
             sections.append((name, f'<img src="plots/{png.name}" alt="{name}">'))
-    report = write_report(out, title=f"{cfg.name} (rlhf, {cfg.algorithm})", data_stats={"train": stats.to_dict()}, evaluation=evaluation,
-                          sections=sections, curves={"policy_loss": "policy loss", "value_loss": "value loss"})
-    summary = {"output_dir": str(out), "model": str(out / "model"), "report": str(report)}
-    summary.update({k: round(v, 4) for k, v in evaluation.items() if isinstance(v, float)})
-    return summary
+    return finish(cfg, summarize(rows), started=t0, title=f"{cfg.name} (rlhf, {cfg.algorithm})", data_stats={"train": stats.to_dict()},
+                  sections=sections, curves={"policy_loss": "policy loss", "value_loss": "value loss"})
 
 
 def summarize(rows: list[dict]) -> dict:

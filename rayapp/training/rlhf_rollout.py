@@ -97,10 +97,10 @@ def collect_rollouts(pool, prompts: list, sampling, tokenizer, reward, reward_ac
 
 def collate_rollouts(rollouts: list[dict], pad_id: int) -> dict:
     """Right-padded ``input_ids`` / ``attention_mask`` (B, T) and ``labels`` (B, T) holding the
-    response tokens only (-100 elsewhere), so token_logps gives (B, T-1) response log-probs."""
+    response tokens only (IGNORE_INDEX elsewhere), so token_logps gives (B, T-1) response log-probs."""
     import torch
 
-    from rayapp.data.tokenize import IGNORE_INDEX
+    from rayapp.algorithms import IGNORE_INDEX
 
     longest = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
     b = len(rollouts)

@@ -2,23 +2,18 @@
 
 Reads top to bottom: load and validate data on the driver (a bad row stops the job before any
 worker starts), train on Ray Train workers with the shared step loop (loss on response tokens
-only), export model/ (and adapter/), write eval.json and report.html, deploy if asked.
+only), export model/ (and adapter/), then the shared ending: eval.json, report.html, deploy if
+asked.
 """
 
 from __future__ import annotations
 
 import time
 
-from rayapp.training.common import (
-    build_model,
-    check_result,
-    export_model,
-    fit_in_worker,
-    maybe_deploy,
-    prepare_for_ray,
-    prepare_output,
-    write_json_atomic,
-)
+from rayapp.fileio import write_json_atomic
+from rayapp.training.launch import build_model, launch, worker_context
+from rayapp.training.loop import LossParts, count_supervised
+from rayapp.training.outputs import export_model, final_evaluation, finish, prepare_output
 
 
 def load_data(cfg, tokenizer):
@@ -42,7 +37,6 @@ def validate(cfg) -> str:
 def sft_loss(model, batch):
     """Token-level cross-entropy on supervised (response) tokens, as sums for global normalisation."""
     from rayapp.algorithms.sft import next_token_accuracy_counts, token_nll_sum
-    from rayapp.training.loop import LossParts
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss_sum, n = token_nll_sum(logits, batch["labels"])
@@ -50,36 +44,23 @@ def sft_loss(model, batch):
     return LossParts(loss_sum=loss_sum, count=int(n), sums={"accuracy": correct.float()})
 
 
-def count_supervised(batch) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 def sft_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray
-
-    from rayapp.config.loader import load_job_dict
     from rayapp.data.collate import collate_sft
     from rayapp.models.io import load_tokenizer
-    from rayapp.training.launch import worker_setup
 
-    cfg = load_job_dict(config["job"])
-    env = worker_setup(cfg.resources.cpus_per_worker)
-    train_items = ray.get(config["train"])
-    val_items = ray.get(config["val"]) if config["val"] is not None else None
-    tokenizer = load_tokenizer(config["model_dir"])
-    model = prepare_for_ray(build_model(config["model_dir"], cfg), cfg.resources.strategy)
+    w = worker_context(config)
+    cfg, data = w.cfg, w.payload
+    tokenizer = load_tokenizer(data["model_dir"])
+    model = w.prepare(build_model(data["model_dir"], cfg))
     pad_id = tokenizer.pad_token_id
-    fit_in_worker(cfg, model, train_items=train_items, val_items=val_items, collate=lambda items: collate_sft(items, pad_id),
-                  count_fn=count_supervised, loss_fn=sft_loss, device=env["device"])
-    export_model(model, tokenizer, cfg, env["rank"])
+    w.fit(model, train_items=data["train"], val_items=data["val"], collate=lambda items: collate_sft(items, pad_id),
+          count_fn=count_supervised, loss_fn=sft_loss)
+    export_model(model, tokenizer, cfg, w.rank)
 
 
 def run(cfg) -> dict:
     from rayapp.models.io import load_tokenizer, resolve_model
-    from rayapp.runtime import ensure_ray
-    from rayapp.training.launch import launch
-    from rayapp.training.report import write_report
 
     t0 = time.perf_counter()
     out = prepare_output(cfg)
@@ -94,25 +75,5 @@ def run(cfg) -> dict:
         f"micro {cfg.train.micro_batch_size} x {cfg.resources.num_workers} workers x {cfg.grad_accum_steps} accumulation",
         flush=True,
     )
-    if cfg.deploy.enabled:
-        from rayapp.serving.local_head import ensure_local_head
-
-        ensure_local_head()
-    ray = ensure_ray()
-    worker_config = {
-        "job": cfg.model_dump(mode="json"),
-        "model_dir": str(model_dir),
-        "train": ray.put(train.examples),
-        "val": ray.put(val.examples) if val else None,
-    }
-    final = check_result(launch(sft_worker, worker_config, cfg), cfg)
-    evaluation = {k: v for k, v in final.items() if k.startswith("val_") or k in ("loss", "accuracy", "step")}
-    evaluation["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(out / "eval.json", evaluation)
-    report = write_report(out, title=f"{cfg.name} (sft)", data_stats=stats, evaluation=evaluation)
-    summary = {"output_dir": str(out), "model": str(out / "model"), "report": str(report)}
-    if cfg.adapter is not None and (out / "adapter").exists():
-        summary["adapter"] = str(out / "adapter")
-    summary.update({k: round(v, 4) for k, v in evaluation.items() if isinstance(v, float)})
-    summary.update(maybe_deploy(cfg))
-    return summary
+    final = launch(sft_worker, cfg, model_dir=str(model_dir), train=train.examples, val=val.examples if val else None)
+    return finish(cfg, final_evaluation(final, ("loss", "accuracy", "step")), started=t0, title=f"{cfg.name} (sft)", data_stats=stats)

@@ -7,22 +7,17 @@ local head rayapp started (recorded in a file private to this test).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]  # train + engine start: >15 min on a loaded 2-core machine
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sft_then_deploy_answers_and_shuts_down(tmp_path):
@@ -30,7 +25,7 @@ def test_sft_then_deploy_answers_and_shuts_down(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp_path / "local_cluster.json")
     env["E2E_KEY"] = "e2e-secret-key"
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "sft"
     try:
         p = subprocess.run(

@@ -42,8 +42,8 @@ def tuned_teacher(tmp_path_factory) -> Path:
     from rayapp.data.collate import collate_sft
     from rayapp.data.sft import load_sft_dataset
     from rayapp.models.io import load_causal_lm, load_tokenizer, resolve_model, save_model_atomic
-    from rayapp.training.loop import LocalReporter, fit
-    from rayapp.training.sft import count_supervised, sft_loss
+    from rayapp.training.loop import LocalReporter, count_supervised, fit
+    from rayapp.training.sft import sft_loss
 
     torch.set_num_threads(1)  # far faster than 2 threads on a busy 2-core machine
     tok = load_tokenizer(resolve_model("tiny"))
@@ -81,7 +81,7 @@ def _loads_in_vllm(engine, model_dir: Path) -> None:
 
 
 def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, tuned_teacher, engine, tmp_path):
-    from rayapp.training.distill import run
+    from rayapp.training.distill.recipe import run
 
     out = tmp_path / "sbs"
     cfg = load_job(ROOT / "jobs/distill_step_by_step.yaml", [
@@ -89,7 +89,7 @@ def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, 
         "evaluation.teacher=true", *FAST])
     summary = run(cfg)
     _assert_trained(out, "rationale_loss")
-    teacher_rows = read_jsonl(out / "teacher" / "rationales.jsonl")
+    teacher_rows = read_jsonl(out / "teacher" / "rationales" / "output.jsonl")  # written by the kind: batch code
     inputs = read_jsonl(ROOT / "data/distill_tiny/train.jsonl")
     unlabelled = {r["input_text"] for r in inputs if "output_text" not in r}
     labelled_by_teacher = [r for r in teacher_rows if r["input_text"] in unlabelled]
@@ -99,15 +99,16 @@ def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, 
     assert "student_answer_accuracy" in evaluation and "teacher_answer_accuracy" in evaluation
     assert summary["model"] == str(out / "model")
     _loads_in_vllm(engine, out / "model")
-    # A re-run reuses the cached teacher output (no engine started: the file is unchanged).
-    stamp = (out / "teacher" / "rationales.jsonl").stat().st_mtime_ns
+    # A re-run reuses the cached teacher output (no engine started: no shard is written again).
+    shards = sorted((out / "teacher" / "rationales" / "shards").glob("*.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
     run(load_job(ROOT / "jobs/distill_step_by_step.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8",
-                                                           "student.init=from_teacher_layers", "evaluation.max_examples=2", *FAST[:2]]))
-    assert (out / "teacher" / "rationales.jsonl").stat().st_mtime_ns == stamp
+                                                           "student.init=from_teacher_layers", *FAST, "evaluation.max_examples=2"]))
+    assert shards and [p.stat().st_mtime_ns for p in shards] == stamps
 
 
 def test_logits_kd_from_vllm_top_k(ray_cluster, tuned_teacher, engine, tmp_path):
-    from rayapp.training.distill import run
+    from rayapp.training.distill.recipe import run
 
     out = tmp_path / "logits"
     run(load_job(ROOT / "jobs/distill_logits.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
@@ -118,7 +119,7 @@ def test_logits_kd_from_vllm_top_k(ray_cluster, tuned_teacher, engine, tmp_path)
 
 
 def test_relations_and_born_again_self(ray_cluster, tuned_teacher, engine, tmp_path):
-    from rayapp.training.distill import run
+    from rayapp.training.distill.recipe import run
 
     out = tmp_path / "rel"
     run(load_job(ROOT / "jobs/distill_relations.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", *FAST]))
@@ -142,7 +143,7 @@ def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_
     from rayapp.config.base import EngineConfig, SamplingConfig
     from rayapp.models.io import load_tokenizer, save_model_atomic
     from rayapp.teachers.pool import VLLMEnginePool
-    from rayapp.training.distill import run
+    from rayapp.training.distill.recipe import run
 
     tok = load_tokenizer(tiny_model_dir)
     narrow = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,

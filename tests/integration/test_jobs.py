@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ from pathlib import Path
 import pytest
 
 from rayapp.data.readers import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rayapp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -92,7 +87,7 @@ def test_state_mapping_and_address():
 def test_unreachable_address_is_a_user_error():
     from rayapp.errors import is_user_error
 
-    r = rayapp("jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}", timeout=120)
+    r = rayapp("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
     assert r.returncode == 1, r.stderr
     assert "cannot reach the Ray Jobs API" in r.stderr and "Traceback" not in r.stderr
     from rayapp import jobs

@@ -23,7 +23,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.conftest import ROOT, PrivateHead
+from tests.conftest import ROOT, PrivateHead, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +173,7 @@ def test_rayapp_commands_work_against_the_head_it_started(private_head, tmp_path
     assert job_id in rayapp(private_head, "jobs", "list").stdout
 
     # deploy, call it, --status, then --shutdown stops every process of the head.
-    port = _free_port()
+    port = free_port()
     dep = rayapp(private_head, "deploy", str(tiny_model_dir), "--name", "sec-tiny", "--port", str(port),
                  "--max-model-len", "256")
     assert dep.returncode == 0 and f"http://127.0.0.1:{port}/v1" in dep.stdout, dep.stdout[-2000:] + dep.stderr[-3000:]
@@ -197,9 +197,3 @@ def test_rayapp_commands_work_against_the_head_it_started(private_head, tmp_path
     assert not private_head.record.exists()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", gcs_port(private_head.address)), timeout=5).close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

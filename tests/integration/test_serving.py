@@ -7,20 +7,15 @@ One deployment for the whole module (engine start is the slow part): the tiny Ll
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-0123456789"
 MODEL = "tiny-served"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(base_dir, out_dir, seed: int = 0):
@@ -56,7 +51,7 @@ def served(tiny_model_dir, tmp_path_factory):
     if own_head:
         os.environ["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp / "local_cluster.json")
     os.environ["RAYAPP_TEST_KEY"] = KEY
-    deploy = DeployConfig(enabled=True, port=_free_port(), max_model_len=512, api_key_env="RAYAPP_TEST_KEY")
+    deploy = DeployConfig(enabled=True, port=free_port(), max_model_len=512, api_key_env="RAYAPP_TEST_KEY")
     try:
         info = deploy_model(tiny_model_dir, {"support": str(adapter)}, deploy, MODEL)
         yield info

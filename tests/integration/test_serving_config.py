@@ -20,7 +20,7 @@ def test_deploy_job_files_load(name):
 
 
 def test_deploy_recipe_validates_the_tiny_job(tiny_model_dir):
-    from rayapp.training import recipe
+    from rayapp.kinds import recipe
 
     cfg = load_job(ROOT / "jobs" / "deploy_tiny.yaml")
     text = recipe("deploy").validate(cfg)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "reward-key-42"
 NAME = "rm-tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def reward_endpoint(tiny_model_dir, tmp_path_factory):
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import load_reward_model, save_reward_model
     from rayapp.serving import local_head
-    from rayapp.serving.reward import deploy_reward_model
+    from rayapp.serving.deploy import deploy_reward_model
 
     tmp = tmp_path_factory.mktemp("reward")
     tok = load_tokenizer(str(tiny_model_dir))
@@ -37,7 +32,7 @@ def reward_endpoint(tiny_model_dir, tmp_path_factory):
     if own_head:
         os.environ["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp / "local_cluster.json")
     os.environ["RAYAPP_RM_KEY"] = KEY
-    deploy = DeployConfig(enabled=True, port=_free_port(), api_key_env="RAYAPP_RM_KEY", max_model_len=128)
+    deploy = DeployConfig(enabled=True, port=free_port(), api_key_env="RAYAPP_RM_KEY", max_model_len=128)
     try:
         info = deploy_reward_model(str(tmp / "rm"), deploy, NAME)
         info.model_dir = tmp / "rm"  # for rescoring locally in the tests

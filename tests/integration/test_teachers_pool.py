@@ -74,7 +74,7 @@ def test_score_matches_generation_logprobs(pool, tiny_tokenizer):
         generated = s[-len(c.token_ids):]
         expected = [lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
         assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(generated, expected, strict=True))
-    top = pool.score_top_k(seqs[:1], top_k=4)[0]
+    top = pool.score(seqs[:1], top_k=4)[0]
     assert len(top) == len(seqs[0]) - 1
     assert all(4 <= len(d) <= 5 and tok in d for tok, d in zip(seqs[0][1:], top, strict=True))
 

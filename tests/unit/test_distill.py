@@ -53,8 +53,8 @@ def test_config_errors_name_the_fields():
 # -- step_by_step data ----------------------------------------------------------------------------
 
 def test_two_task_batch_construction(tmp_path, tiny_tokenizer):
-    from rayapp.training.distill_data import build_data
-    from rayapp.training.distill_losses import collate_distill
+    from rayapp.training.distill.data import collate_distill
+    from rayapp.training.distill.step_by_step import build_data
 
     cfg = load_job_dict(_job(teacher={"outputs": str(_teacher_file(tmp_path))}, output_dir=str(tmp_path / "o")))
     data = build_data(cfg, tiny_tokenizer, tmp_path / "o")
@@ -83,7 +83,7 @@ def test_two_task_batch_construction(tmp_path, tiny_tokenizer):
 
 
 def test_rows_that_need_the_teacher_are_reported_by_validate(tmp_path, tiny_tokenizer):
-    from rayapp.training.distill_data import build_data
+    from rayapp.training.distill.step_by_step import build_data
 
     train = tmp_path / "in.jsonl"
     train.write_text('{"input_text": "What is 1 + 2?", "output_text": "3"}\n{"input_text": "What is 2 + 2?"}\n')
@@ -94,7 +94,7 @@ def test_rows_that_need_the_teacher_are_reported_by_validate(tmp_path, tiny_toke
 
 def test_bad_teacher_rows_name_file_line_and_field(tmp_path, tiny_tokenizer):
     from rayapp.data.loaders import DataError
-    from rayapp.training.distill_data import build_data
+    from rayapp.training.distill.step_by_step import build_data
 
     p = tmp_path / "t.jsonl"
     p.write_text('{"input_text": "q", "label": "1", "rationale": "r"}\n')
@@ -118,7 +118,7 @@ class _Const(torch.nn.Module):
 
 def test_step_by_step_loss_is_alpha_weighted_task_means():
     from rayapp.algorithms.sft import token_nll_sum
-    from rayapp.training.distill_losses import step_by_step_loss
+    from rayapp.training.distill.step_by_step import loss as step_by_step_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7)
@@ -142,7 +142,8 @@ def test_step_by_step_loss_is_alpha_weighted_task_means():
 
 
 def test_response_mask_counts_the_nll_tokens_and_collate_pads_topk():
-    from rayapp.training.distill_losses import DistillItem, collate_distill, response_mask
+    from rayapp.algorithms.sft import response_mask
+    from rayapp.training.distill.data import DistillItem, collate_distill
 
     items = [DistillItem([5, 6, 7, 8], [-100, -100, 7, 8], topk_ids=[[1, 2]] * 3, topk_logprobs=[[-0.1, -2.0]] * 3),
              DistillItem([5, 6], [-100, 6], topk_ids=[[3, 4]], topk_logprobs=[[-0.5, -1.0]])]
@@ -155,7 +156,7 @@ def test_response_mask_counts_the_nll_tokens_and_collate_pads_topk():
 
 
 def test_topk_from_scores_keeps_k_distinct_sorted():
-    from rayapp.training.distill_teacher import topk_from_scores
+    from rayapp.training.distill.teacher import topk_from_scores
 
     ids, lps = topk_from_scores([{4: -3.0, 1: -0.2, 9: -1.0}, {2: -0.1, 3: -0.5}], 2)
     assert ids == [[1, 9], [2, 3]] and lps == [[-0.2, -1.0], [-0.1, -0.5]]
@@ -170,7 +171,7 @@ def _small_lm(hidden=64, layers=2, vocab=32, seed=0):
 
 
 def _items(n=16):
-    from rayapp.training.distill_losses import DistillItem
+    from rayapp.training.distill.data import DistillItem
 
     g = torch.Generator().manual_seed(1)
     out = []
@@ -185,39 +186,41 @@ def test_in_worker_teacher_methods_lower_their_loss(method):
     from rayapp.algorithms.features import FeatureProjector, uniform_layer_map
     from rayapp.config.base import TrainConfig
     from rayapp.config.distill import FeaturesConfig, RelationsConfig, SelfDistillConfig
-    from rayapp.training import distill_losses as L
-    from rayapp.training.loop import LocalReporter, evaluate, fit
+    from rayapp.training.distill import features, relations, self_distill
+    from rayapp.training.distill.data import collate_distill
+    from rayapp.training.distill.method import DistillStudent, ema_update
+    from rayapp.training.loop import LocalReporter, count_supervised, evaluate, fit
 
     teacher = _small_lm(hidden=128, layers=2, seed=1).eval().requires_grad_(False)
     student = _small_lm(hidden=64, layers=1, seed=2)
     if method == "features":
         layer_map = uniform_layer_map(1, 2)
-        model = L.DistillStudent(student, FeatureProjector(64, 128, len(layer_map)), [s for s, _ in layer_map])
-        loss_fn = L.features_loss(FeaturesConfig(), teacher, layer_map)
+        model = DistillStudent(student, FeatureProjector(64, 128, len(layer_map)), [s for s, _ in layer_map])
+        loss_fn = features.loss(FeaturesConfig(), teacher, layer_map)
         key = "feature_loss"
     elif method == "relations":
-        model = L.DistillStudent(student, None, [-1])
-        loss_fn = L.relations_loss(RelationsConfig(weight=100.0, task_weight=0.01), teacher, 2)
+        model = DistillStudent(student, None, [-1])
+        loss_fn = relations.loss(RelationsConfig(weight=100.0, task_weight=0.01), teacher, 2)
         key = "relation_loss"
     else:
         teacher = _small_lm(hidden=64, layers=1, seed=3).eval().requires_grad_(False)
         model = student
-        loss_fn = L.self_loss(SelfDistillConfig(task_weight=0.0), teacher)
+        loss_fn = self_distill.loss(SelfDistillConfig(task_weight=0.0), teacher)
         key = "kd_loss"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     if method == "self_ema":
         before = [p.clone() for p in teacher.parameters()]
-        optimizer.register_step_post_hook(lambda *_: L.ema_update(teacher, student, 0.5))
+        optimizer.register_step_post_hook(lambda *_: ema_update(teacher, student, 0.5))
     items = _items(8)
 
     def collate(it):
-        return L.collate_distill(it, 0)
+        return collate_distill(it, 0)
 
-    start = evaluate(model, items, collate, L.count_supervised, loss_fn, 4)
+    start = evaluate(model, items, collate, count_supervised, loss_fn, 4)
     fit(model=model, optimizer=optimizer, train_items=items, val_items=items, collate=collate,
-        count_fn=L.count_supervised, loss_fn=loss_fn, cfg=TrainConfig(max_steps=10, global_batch_size=8, micro_batch_size=4,
+        count_fn=count_supervised, loss_fn=loss_fn, cfg=TrainConfig(max_steps=10, global_batch_size=8, micro_batch_size=4,
         learning_rate=3e-3, warmup_ratio=0.0, eval_every=10, checkpoint_every=100), micro_batch_size=4, reporter=LocalReporter())
-    end = evaluate(model, items, collate, L.count_supervised, loss_fn, 4)
+    end = evaluate(model, items, collate, count_supervised, loss_fn, 4)
     assert end["val_loss"] < start["val_loss"], (start, end)
     assert end[f"val_{key}"] < start[f"val_{key}"], (start, end)
     if method == "self_ema":
@@ -271,7 +274,7 @@ def test_score_answers_uses_the_task_matcher(tmp_path):
 def test_teacher_prompts_follow_teacher_chat(tiny_model_dir, chat, expect_messages):
     """teacher.chat decides whether rationale prompts go through the teacher's chat template
     (the tiny model has one, so 'auto' uses it)."""
-    from rayapp.training.distill_data import rationale_prompt
+    from rayapp.training.distill.teacher import rationale_prompt
 
     cfg = load_job_dict(_job(teacher={"path": "tiny", "chat": chat}))
     prompt = rationale_prompt(cfg, str(tiny_model_dir))("What is 2 + 3?")
@@ -283,7 +286,8 @@ def test_teacher_cache_key_changes_when_the_teacher_is_retrained_in_place(tmp_pa
     """A teacher re-trained into the same directory must not reuse the old teacher's cached output."""
     import os
 
-    from rayapp.training.distill_teacher import fingerprint, model_stamp
+    from rayapp.models.io import model_stamp
+    from rayapp.training.distill.teacher import fingerprint
 
     (tmp_path / "config.json").write_text("{}")
     weights = tmp_path / "model.safetensors"
@@ -293,3 +297,71 @@ def test_teacher_cache_key_changes_when_the_teacher_is_retrained_in_place(tmp_pa
     weights.write_bytes(b"new weights")
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     assert fingerprint(model_stamp(str(tmp_path)), "template", ["What is 1 + 2?"]) != before
+
+
+# -- teacher settings that must be honoured --------------------------------------------------------
+
+def test_teacher_rationales_parse_answers_as_the_jobs_task_type():
+    """teacher.rationales.task_type follows task_type (templates and the rationale parser use it);
+    a different value is refused, naming both fields."""
+    cfg = load_job_dict(_job(task_type="choice"))
+    assert cfg.teacher.rationales.task_type == "choice"
+    with pytest.raises(ConfigError, match=r"teacher.rationales.task_type \(yesno\) differs from task_type \(number\)"):
+        load_job_dict(_job(teacher={"rationales": {"task_type": "yesno"}}))
+    assert load_job_dict(_job(teacher={"rationales": {"task_type": "number"}})).teacher.rationales.task_type == "number"
+
+
+def test_self_consistency_needs_sampling_in_distill_too():
+    """As for kind: batch: n rationales per question at temperature 0 are n copies."""
+    with pytest.raises(ConfigError, match="teacher.rationales.self_consistency_n is 3 but teacher.sampling.temperature is 0"):
+        load_job_dict(_job(teacher={"rationales": {"self_consistency_n": 3}}))
+    cfg = load_job_dict(_job(teacher={"rationales": {"self_consistency_n": 3}, "sampling": {"temperature": 0.7}}))
+    assert cfg.teacher.rationales.self_consistency_n == 3
+
+
+class _RecordingTeacher:
+    """A Generator that answers every prompt with 'ok' and keeps what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def generate(self, prompts, sampling):
+        from rayapp.teachers import Completion
+
+        self.sent += prompts
+        return [Completion(text="ok", token_ids=[1], finish_reason="stop", prompt_index=i) for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("chat, expect_messages", [("auto", True), ("always", True), ("never", False)])
+def test_teacher_responses_follow_teacher_chat(tmp_path, chat, expect_messages):
+    """logits.responses: teacher sends prompts as user turns only when teacher.chat says so (the tiny
+    teacher has a chat template, so 'auto' uses it)."""
+    from rayapp.training.distill.teacher import teacher_responses
+
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "chat": chat}, logits={"responses": "teacher"}))
+    teacher = _RecordingTeacher()
+    assert teacher_responses(cfg, ["What is 2 + 3?"], tmp_path, pool=teacher) == ["ok"]
+    assert isinstance(teacher.sent[0], list) == expect_messages
+
+
+def test_logits_items_know_the_prompt_they_answer(tmp_path, tiny_tokenizer):
+    """On-policy GKD replaces the responses of sampled prompts: each item carries its prompt, also
+    when rows are dropped or split off for validation (no guessing from lengths)."""
+    from rayapp.training.distill import logits
+
+    rows = [{"input_text": f"What is {i} + 1?", "output_text": str(i + 1)} for i in range(6)]
+    rows.insert(2, {"input_text": "no answer"})  # a bad row, dropped
+    rows.append({"messages": [{"role": "user", "content": "chat question"}, {"role": "assistant", "content": "chat answer"}]})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny"}, data={"train": str(train), "on_bad_rows": "drop",
+                                                                              "validation_split": 0.25}))
+    data = logits.build_data(cfg, tiny_tokenizer, tmp_path, dry=True)
+    items = data.train + data.val
+    assert len(items) == 7 and len(data.val) == 2
+    for it in items:
+        text = tiny_tokenizer.decode(it.input_ids)
+        assert it.prompt in text
+        answer = tiny_tokenizer.decode([t for t in it.labels if t != -100])
+        expected = "chat answer" if it.prompt == "chat question" else str(int(it.prompt.split()[2]) + 1)
+        assert answer.startswith(expected)

@@ -9,8 +9,15 @@ import torch
 
 from rayapp.config.base import TrainConfig
 from rayapp.data.readers import read_jsonl
-from rayapp.training.loop import LocalReporter, fit, global_batch_indices, lr_lambda, total_steps_for
-from rayapp.training.sft import count_supervised, sft_loss
+from rayapp.training.loop import (
+    LocalReporter,
+    count_supervised,
+    fit,
+    global_batch_indices,
+    lr_lambda,
+    total_steps_for,
+)
+from rayapp.training.sft import sft_loss
 
 
 def _examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -116,7 +123,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_mode
 def test_ema_teacher_state_is_checkpointed_and_restored_on_resume(fresh_model, tmp_path):
     """An EMA copy of the student (self-distillation) changes every step outside model and optimizer:
     a killed-then-resumed run must end with the same EMA weights as an uninterrupted one."""
-    from rayapp.training.distill_losses import ema_update
+    from rayapp.training.distill.method import ema_update
 
     items = _examples(16, 1000)
     cfg = TrainConfig(global_batch_size=8, micro_batch_size=4, learning_rate=1e-3, max_steps=6, checkpoint_every=2)

@@ -51,9 +51,9 @@ def fake_recipes(monkeypatch):
         return {"model_path": cfg.model.path}
 
     fake = types.SimpleNamespace(run=run, validate=lambda cfg: "")
-    import rayapp.training as training
+    import rayapp.kinds as kinds
 
-    monkeypatch.setattr(training, "recipe", lambda kind: fake)
+    monkeypatch.setattr(kinds, "recipe", lambda kind: fake)
     return calls, fail
 
 

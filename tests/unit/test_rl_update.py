@@ -27,53 +27,66 @@ def _rollouts(tok):
     return out
 
 
-def _seq_logps(model, batches, ppo):
+def _seq_logps(u, batches):
     from rayapp.algorithms.sft import token_logps
-    from rayapp.training.rlhf import _forward
 
     with torch.no_grad():
-        return torch.cat([token_logps(_forward(model, b, ppo)[0], b["labels"])[0].sum(-1) for b in batches])
+        return torch.cat([token_logps(u.forward(b)[0], b["labels"])[0].sum(-1) for b in batches])
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_one_update_moves_probability_towards_the_rewarded_sample(tiny_model_dir, tiny_tokenizer, algorithm):
-    from rayapp.algorithms.rl import grpo_advantages
+    from rayapp.algorithms.rl import ALGORITHMS
     from rayapp.models.io import load_causal_lm
     from rayapp.models.value_head import CausalLMWithValueHead
-    from rayapp.training.rlhf import _ppo_advantages, _prepare_batches, _update
+    from rayapp.training.loop import build_optimizer
+    from rayapp.training.rlhf import PolicyUpdate, group_advantages, prepare_batches, token_advantages, update
 
     job = "rlhf_grpo" if algorithm == "grpo" else "rlhf_ppo"
     cfg = load_job(ROOT / f"jobs/{job}.yaml", ["resources.num_workers=1", "rl.prompts_per_iteration=4", "sampling.n=1" if algorithm == "ppo" else "sampling.n=2",
-                                               "train.global_batch_size=4", "train.micro_batch_size=2", "rl.kl_coeff=0.1"])
+                                               "train.global_batch_size=4", "train.micro_batch_size=2", "rl.kl_coeff=0.1",
+                                               "train.learning_rate=1e-3", "train.warmup_ratio=0", "train.min_lr_ratio=1"])
+    algo = ALGORITHMS[cfg.algorithm]
     torch.manual_seed(0)
     lm = load_causal_lm(tiny_model_dir)
-    ppo = algorithm == "ppo"
-    model = CausalLMWithValueHead(lm) if ppo else lm
+    model = CausalLMWithValueHead(lm) if algo.critic else lm
     ref_model = load_causal_lm(tiny_model_dir).eval()
     ref = lambda b: ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # noqa: E731
+    opt = build_optimizer(model, cfg.train, 10)
+    u = PolicyUpdate(cfg, algo, model, opt, ref)
     rollouts = _rollouts(tiny_tokenizer)
-    adv = grpo_advantages(torch.tensor([r["score"] for r in rollouts]), 2)
-    for r, a in zip(rollouts, adv.tolist(), strict=True):
-        r["advantage"] = a
-    batches = _prepare_batches(rollouts, tiny_tokenizer.pad_token_id, 2, model, ref, ppo, "cpu")
+    if not algo.critic:  # GRPO: advantages within each prompt's group, on rank 0
+        group_advantages(rollouts, cfg, algo)
+    batches = prepare_batches(u, rollouts, tiny_tokenizer.pad_token_id)
     assert torch.allclose(batches[0]["old_logp"], batches[0]["ref_logp"])  # the policy is the reference before training
-    if ppo:
-        _ppo_advantages(batches, cfg)
+    if algo.critic:
+        token_advantages(u, batches)
         m = torch.cat([b["mask"].flatten() for b in batches]).bool()
         a = torch.cat([b["adv"].flatten() for b in batches])[m]
         assert abs(float(a.mean())) < 1e-5 and float(a.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
         assert all(torch.isfinite(b["returns"]).all() for b in batches)
-    before = _seq_logps(model, batches, ppo)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    sums = _update(model, opt, sched, batches, cfg, 1, ppo, params)
+    before = _seq_logps(u, batches)
+    sums = update(u, batches)
     assert sums["steps"] == cfg.rl.update_epochs  # 4 rollouts, global batch 4: one step per epoch
-    assert sums["entropy"] > 0 and (sums["value_loss"] > 0) == ppo
-    after = _seq_logps(model, batches, ppo)
+    assert sums["entropy"] > 0 and (sums["value_loss"] > 0) == algo.critic
+    assert opt.optimizer_steps == cfg.rl.update_epochs
+    after = _seq_logps(u, batches)
     delta = after - before  # rollouts alternate good, bad
     assert delta[0] > 0 and delta[2] > 0, delta
-    if ppo:  # token advantages come from an untrained critic: only the ordering within a prompt is certain
+    if algo.critic:  # token advantages come from an untrained critic: only the ordering within a prompt is certain
         assert delta[0] > delta[1] and delta[2] > delta[3], delta
     else:
         assert delta[1] < 0 and delta[3] < 0, delta
+
+
+def test_value_head_learns_at_its_multiple_of_the_learning_rate(tiny_model_dir):
+    """One optimizer construction for every recipe: the RL value head is its own param group."""
+    from rayapp.config.base import TrainConfig
+    from rayapp.models.io import load_causal_lm
+    from rayapp.models.value_head import CausalLMWithValueHead
+    from rayapp.training.loop import build_optimizer
+
+    model = CausalLMWithValueHead(load_causal_lm(tiny_model_dir))
+    opt = build_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_ratio=0.0), 10, lr_multipliers={"value_head": 10.0})
+    groups = {len(g["params"]): g["lr"] for g in opt.optimizer.param_groups}
+    assert groups == {2: pytest.approx(1e-2), sum(1 for _ in model.lm.parameters()): pytest.approx(1e-3)}

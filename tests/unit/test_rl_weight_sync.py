@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rayapp.models.io import load_causal_lm
-from rayapp.training.weight_sync import policy_state_dict
+from rayapp.teachers.weight_sync import policy_state_dict
 
 
 @pytest.fixture(scope="module")

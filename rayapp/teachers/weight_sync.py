@@ -1,12 +1,12 @@
-"""Push the policy's new weights from the Ray Train workers into every vLLM rollout engine.
+"""Push the policy's new weights from the Ray Train workers into every engine of a vLLM pool.
 
-One interface, two transports:
+One interface, two transports, both built on the pool (:func:`build_weight_sync`):
 
 - :class:`SharedMemorySync` (CPU, one node; what runs here): rank 0 writes the full policy
   state dict (Hugging Face names, LoRA merged, value head left out) as safetensors into
-  ``/dev/shm`` and every engine reloads it in place with vLLM's ``reload_weights``
-  (``LocalEngine.reload_weights``). No tensor goes through Ray's object store or an RPC
-  argument (on CPU they would arrive as lists).
+  ``/dev/shm`` (:func:`shm_weights`, the one writer: ``LocalEngine.load_state`` uses it too) and
+  every engine reloads it in place with vLLM's ``reload_weights`` (``pool.update_weights``). No
+  tensor goes through Ray's object store or an RPC argument (on CPU they would arrive as lists).
 - :class:`NcclBroadcastSync` (GPUs, a cluster): rank 0 joins an NCCL group with the engines'
   workers and broadcasts every parameter with vLLM's weight-transfer engine
   (``NCCLTrainerWeightTransferEngine``; CUDA IPC is the same interface with ``backend: ipc``
@@ -23,9 +23,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
+
+from rayapp.models.value_head import policy_of
 
 
 class WeightSync(Protocol):
@@ -34,19 +38,12 @@ class WeightSync(Protocol):
     def close(self) -> None: ...
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP, and the causal LM inside a CausalLMWithValueHead."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return getattr(model, "lm", model)
-
-
 def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The causal LM's parameters under their Hugging Face names, LoRA merged in, on CPU.
 
     For a peft model each adapted weight is sent as W + scale * B @ A (peft's ``get_delta_weight``),
     computed beside the model: merging in place and unmerging would not give W back exactly."""
-    lm = unwrap(model)
+    lm = policy_of(model)
     if hasattr(lm, "get_base_model"):
         base = lm.get_base_model()
         with torch.no_grad():
@@ -77,34 +74,38 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shm_root() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+@contextmanager
+def shm_weights(state: dict[str, torch.Tensor]) -> Iterator[str]:
+    """A directory in /dev/shm (the temp dir where there is none) holding ``state`` as one
+    safetensors file, removed on exit: what ``reload_weights`` reads."""
+    from safetensors.torch import save_file
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix="rayapp-weights-", dir=shm)
+    try:
+        save_file(_unshared({k: v.detach().to("cpu") for k, v in state.items()}), os.path.join(tmp, "model.safetensors"))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class SharedMemorySync:
-    """CPU path: safetensors in /dev/shm, then ``reload_weights`` on every engine actor."""
+    """CPU path: safetensors in /dev/shm, then ``reload_weights`` on every engine of the pool."""
 
-    def __init__(self, engine_actors: list, rank: int):
-        self.actors = list(engine_actors)
+    def __init__(self, pool, rank: int):
+        self.pool = pool
         self.rank = rank
         self.last: dict[str, float] = {}
 
     def push(self, model: torch.nn.Module) -> float:
-        import ray
-        from safetensors.torch import save_file
-
         if self.rank != 0:
             return 0.0
         started = time.perf_counter()
         state = policy_state_dict(model)
         gathered = time.perf_counter()
-        tmp = tempfile.mkdtemp(prefix="rayapp-sync-", dir=_shm_root())
-        try:
-            save_file(_unshared(state), os.path.join(tmp, "model.safetensors"))
+        with shm_weights(state) as weights_dir:
             written = time.perf_counter()
-            ray.get([a.reload_weights.remote(tmp) for a in self.actors])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.pool.update_weights(weights_dir)
         done = time.perf_counter()
         self.last = {"gather_s": gathered - started, "write_s": written - gathered, "reload_s": done - written}
         return done - started
@@ -114,7 +115,7 @@ class SharedMemorySync:
 
 
 class _EngineActorClient:
-    """vLLM's VLLMWeightSyncClient protocol over our LocalEngine actors (their ``llm`` attribute)."""
+    """vLLM's VLLMWeightSyncClient protocol over the pool's LocalEngine actors (``weight_transfer``)."""
 
     def __init__(self, actors: list):
         self.actors = actors
@@ -122,7 +123,7 @@ class _EngineActorClient:
     def _all(self, method: str, *args):
         import ray
 
-        return ray.get([a.__ray_call__.remote(lambda engine, *a, m=method: getattr(engine.llm, m)(*a), *args) for a in self.actors])
+        return ray.get([a.weight_transfer.remote(method, *args) for a in self.actors])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._all("init_weight_transfer_engine", {"init_info": init_info})
@@ -144,7 +145,7 @@ class NcclBroadcastSync:
     (``world_size = 1 + sum of engine tensor-parallel sizes``). Other train ranks only take
     part in the trainer-side gather."""
 
-    def __init__(self, engine_actors: list, rank: int, engines_world: int, master_address: str | None = None, master_port: int = 29611):
+    def __init__(self, pool, rank: int, master_address: str | None = None, master_port: int = 29611):
         from vllm.distributed.weight_transfer.base import ModuleSource
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
@@ -158,16 +159,16 @@ class NcclBroadcastSync:
             rank=rank,
             master_address=master_address or _node_ip(),
             master_port=master_port,
-            world_size=1 + engines_world,
+            world_size=1 + pool.engine.num_engines * pool.engine.tensor_parallel_size,
         )
-        self._init = (NCCLTrainerWeightTransferEngine, info, _EngineActorClient(list(engine_actors)))
+        self._init = (NCCLTrainerWeightTransferEngine, info, _EngineActorClient(list(pool.actors)))
         self._engine = None
 
     def push(self, model: torch.nn.Module) -> float:
         started = time.perf_counter()
         if self._engine is None:
             cls, info, client = self._init
-            self._engine = cls.trainer_init(info, client=client, source=self._source_cls(unwrap(model)))
+            self._engine = cls.trainer_init(info, client=client, source=self._source_cls(policy_of(model)))
         self._engine.send_weights()
         return time.perf_counter() - started if self.rank == 0 else 0.0
 
@@ -183,10 +184,11 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-def build_weight_sync(kind: str, engine_actors: list, rank: int, use_gpu: bool, engines_world: int = 1) -> WeightSync:
-    """``rl.weight_sync``: 'shm', 'nccl', or 'auto' (nccl on GPUs, shm on CPU)."""
+def build_weight_sync(kind: str, pool, rank: int, use_gpu: bool) -> WeightSync:
+    """``rl.weight_sync`` for the engines of ``pool`` (a VLLMEnginePool): 'shm', 'nccl', or 'auto'
+    (nccl on GPUs, shm on CPU)."""
     if kind == "auto":
         kind = "nccl" if use_gpu else "shm"
     if kind == "nccl":
-        return NcclBroadcastSync(engine_actors, rank, engines_world)
-    return SharedMemorySync(engine_actors, rank)
+        return NcclBroadcastSync(pool, rank)
+    return SharedMemorySync(pool, rank)

@@ -1,6 +1,6 @@
 """`kind: dataset` — a task with checkable answers built offline from reasoning-gym.
 
-Writes into output_dir (atomically, deterministic for a seed):
+Writes into output_dir (atomically, deterministic for a seed), beside config.resolved.yaml:
   train.jsonl      {input_text, output_text: label, rationale, task_type}   labeled set (distillation input)
   train_cot.jsonl  {input_text, output_text: "<rationale> So the answer is <label>."}   teacher tuning
   unlabeled.jsonl  {input_text, task_type}                                   pool the teacher labels
@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from rayapp.data.formats import ANSWER_MARKER
 from rayapp.data.readers import write_jsonl_atomic
 from rayapp.errors import UserError
-from rayapp.teachers.templates import ANSWER_MARKER
 
 _TERM = re.compile(r"\s*([+-])\s*(\d+)")
 
@@ -105,8 +105,11 @@ def validate(cfg) -> str:
 
 
 def run(cfg) -> dict:
+    from rayapp.config.loader import write_resolved_config
+
     out = Path(cfg.output_dir)
     rows = build_rows(cfg)
+    write_resolved_config(cfg, out)
     summary = {}
     for name, split in rows.items():
         n = write_jsonl_atomic(out / f"{name}.jsonl", split)

@@ -1,4 +1,4 @@
-"""report.html for a job: loss curves as PNG plots, dataset stats, evaluation, extra sections.
+"""report.html for a job (every training kind, kind: evaluate): loss curves as PNG plots, dataset stats, evaluation, extra sections.
 
 Plots go to ``output_dir/plots/*.png`` and are referenced from the HTML, so the report opens
 from the directory in any browser and the PNGs can be reused elsewhere.
@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 
 from rayapp.data.readers import read_jsonl
-from rayapp.training.common import write_text_atomic
+from rayapp.fileio import write_text_atomic
 
 
 def read_metrics(path: Path) -> list[dict]:
