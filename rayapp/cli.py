@@ -10,7 +10,7 @@ import sys
 from rayapp.config import ConfigError, explain, load_job
 
 # Subcommand groups owned by other modules: each exposes register_cli(subparsers).
-EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli")
+EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli", "rayapp.tracking")
 
 
 def _cmd_run(args) -> int:

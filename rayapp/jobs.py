@@ -45,10 +45,14 @@ def map_state(ray_status) -> str:
 
 
 def resolve_address(address: str | None) -> str:
-    """--address, else $RAYAPP_JOBS_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL, else localhost:8265."""
+    """--address, else $RAYAPP_JOBS_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL, else the Jobs API
+    of the local head rayapp started (`rayapp deploy`, `make demo`) when it is up, else localhost:8265."""
+    from rayapp.serving.local_head import running_dashboard
+
     ray_address = os.environ.get("RAY_ADDRESS", "")
     address = (address or os.environ.get("RAYAPP_JOBS_ADDRESS")
-               or (ray_address if ray_address.startswith(("http://", "https://")) else None) or DEFAULT_ADDRESS)
+               or (ray_address if ray_address.startswith(("http://", "https://")) else None)
+               or running_dashboard() or DEFAULT_ADDRESS)
     if "://" not in address:
         address = f"http://{address}"
     return address
@@ -127,8 +131,11 @@ def submit(job: str, address: str | None = None, overrides: list[str] | None = N
 
         cfg = load_job(job, overrides)
         kwargs["metadata"].update(rayapp_kind=cfg.kind, rayapp_name=getattr(cfg, "name", ""))
-        out = getattr(cfg, "output_dir", None)
-        if isinstance(out, str) and "://" not in out and not os.path.isabs(out):
+        out = configured_output_dir(job, overrides)
+        if out is not None:
+            # As written: load_job made a relative one absolute against *this* directory.
+            kwargs["metadata"]["rayapp_output_dir"] = out
+        if out is not None and not _is_absolute(out):
             print(f"warning: output_dir '{out}' is relative: on the cluster it is written inside the job's temporary "
                   "working directory; give an absolute shared path or an s3:// / gs:// URI", file=sys.stderr)
     c = client(address)
@@ -136,6 +143,77 @@ def submit(job: str, address: str | None = None, overrides: list[str] | None = N
         return c.submit_job(submission_id=submission_id, **kwargs)
     except RuntimeError as e:
         raise JobsError(f"the cluster refused the submission: {e}") from None
+
+
+def _is_absolute(out: str) -> bool:
+    return "://" in out or os.path.isabs(os.path.expanduser(out))
+
+
+def configured_output_dir(job: str | os.PathLike, overrides: list[str] | None = None) -> str | None:
+    """A job file's output_dir as written (with overrides; the kind's default when absent), before
+    load_job makes a relative one absolute against the current directory. None for kinds without one."""
+    import yaml
+
+    from rayapp.config.loader import apply_overrides, config_class
+
+    data = yaml.safe_load(Path(job).read_text()) or {}
+    data = apply_overrides(data, list(overrides or []))
+    if data.get("output_dir") is not None:
+        return str(data["output_dir"])
+    try:
+        field = config_class(data.get("kind")).model_fields.get("output_dir")
+    except KeyError:
+        return None
+    return str(field.default) if field is not None and isinstance(field.default, str) else None
+
+
+def _submitted_run(entrypoint: str) -> tuple[str, list[str]] | None:
+    """(job file, overrides) of an entrypoint `... rayapp.cli run JOB [overrides]` (or `rayapp run ...`)."""
+    try:
+        args = shlex.split(entrypoint or "")
+    except ValueError:
+        return None
+    for i in range(1, len(args) - 1):
+        if args[i] == "run" and (args[i - 1] == "rayapp.cli" or Path(args[i - 1]).name == "rayapp"):
+            return args[i + 1], args[i + 2 :]
+    return None
+
+
+def job_progress_lines(info, working_dir: str = ".") -> list[str]:
+    """What `rayapp jobs status` adds about how far a submitted job has got: step/total, the last
+    loss, the pipeline stage, read from its output_dir. When that cannot be read from here, one line
+    that says why; never an error."""
+    from rayapp.progress import read_progress
+
+    meta = info.metadata or {}
+    run = _submitted_run(info.entrypoint)
+    config, out = None, meta.get("rayapp_output_dir")
+    job_file = meta.get("rayapp_job_file") or (run[0] if run else None)
+    local_job = Path(working_dir) / job_file if job_file else None
+    if local_job is not None and local_job.is_file():
+        from rayapp.config import ConfigError, load_job
+
+        overrides = run[1] if run else []
+        try:
+            config = load_job(local_job, overrides).model_dump(mode="json")
+            out = out or configured_output_dir(local_job, overrides)
+        except (ConfigError, OSError, ValueError):
+            config = None
+    if out is None:
+        where = f"{job_file} is not in {Path(working_dir).resolve()}" if job_file else "it was not submitted by rayapp"
+        return [f"progress: unknown here ({where}; run this from the project directory it was submitted from)"]
+    if not _is_absolute(out):
+        return [f"progress: not readable from here: output_dir '{out}' is relative, so the job writes it inside "
+                "its working directory on the cluster; submit with an absolute shared path or an s3:// URI"]
+    if "://" not in out and not Path(out).expanduser().exists():
+        if map_state(info.status) == "PENDING":
+            return ["progress: not started"]
+        return [f"progress: not readable from here: {out} does not exist on this machine (it is on the cluster's "
+                "nodes; run `rayapp jobs status` where that path is mounted)"]
+    try:
+        return read_progress(out, config).lines()
+    except Exception as e:  # a store that cannot be read from here (credentials, network)
+        return [f"progress: not readable from here: {out} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
 
 
 def status(job_id: str, address: str | None = None) -> str:
@@ -241,6 +319,8 @@ def _cmd_jobs(args) -> int:
             print(f"message: {info.message}")
         print(f"started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
         print(f"entrypoint: {info.entrypoint}")
+        for line in job_progress_lines(info, args.working_dir):
+            print(line)
         return 0
     if args.action == "logs":
         if args.follow:
@@ -276,4 +356,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("id", nargs="?", help="submission id (from `rayapp submit` or `rayapp jobs list`)")
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    p.add_argument("--working-dir", default=".",
+                   help="with status: the project directory the job was submitted from, where its job file lies (default: .)")
     p.set_defaults(func=_cmd_jobs)

@@ -13,15 +13,30 @@ are used instead when the weights are there):
 LoRA on a linear (in -> out) adds rank*(in + out) parameters; "all-linear" means q, k, v, o,
 gate, up and down of every layer.
 
-Memory per training worker (FSDP shards weights, gradients and optimizer state over N; DDP keeps a
-full copy on each worker):
-    weights      P*b / N_fsdp           (+ A*4: peft keeps adapter weights in float32)
-    gradients    P*b / N_fsdp           full tuning; A*4 with LoRA (frozen weights get none)
-    optimizer    8 B per trainable parameter (AdamW's two float32 moments) / N_fsdp
-    activations  B*s*h*L*34*(b/2) + B*s*V*4*2
+Memory per training worker. b is the weights' dtype as loaded (the master weights: 4 under
+train.precision bf16-mixed, which requires model.dtype float32), c the compute dtype (2 for
+bf16-mixed, else b). FSDP2 (resources.strategy: fsdp) shards every parameter on dim 0 over N
+workers, so a worker holds P_w = sum over the model's tensors of ceil(rows/N) * cols parameters
+(P/N when N divides every dim 0; the worker with the most rows is counted); DDP keeps a full
+replica on each worker (P_w = P):
+    weights      P_w*b            (+ A*4/N_fsdp: peft keeps adapter weights in float32)
+    gradients    P_w*b            full tuning; A*4/N_fsdp with LoRA (frozen weights get none)
+    optimizer    8*P_w            AdamW's two float32 moments per trainable parameter (8*A/N_fsdp for LoRA)
+    gathered     working copies beyond those: FSDP2 all-gathers one unit at a time in c bytes, the
+                 root unit (embeddings, final norm, lm_head: R parameters) for the whole step and
+                 two decoder layers (D parameters each: the one computing and the one prefetched),
+                 and in backward a unit's full gradient exists in c bytes (plus its float32 copy
+                 for the reduction under bf16-mixed) until it is reduce-scattered:
+                     c*(R + 2*D) + (c + 4*mixed)*max(R, D)     (full tuning; with LoRA the gradient
+                                                                term is for the adapters only)
+                 DDP or one worker under bf16-mixed: autocast's bf16 copy of the weights, kept for
+                 backward: 2*P. Nothing for DDP in fp32.
+    activations  B*s*h*L*34*(c/2) + B*s*V*4*2 (+ B*s*V*2 for the bf16 logits under bf16-mixed)
                  34 bytes per token per hidden unit per layer in 16-bit is Korthikanti et al. (2022)
                  for a layer without recomputation and with fused attention (no a*s^2 score term);
-                 the second term is the float32 logits and their gradient.
+                 the second term is the float32 logits and their gradient. With
+                 train.activation_checkpointing each layer keeps only its input, B*s*h*c, and one
+                 layer at a time is recomputed: B*s*h*(L*c + 34*c/2).
 Memory per vLLM engine (tensor parallelism splits weights and cache over tp devices):
     weights      P*b_engine / tp
     KV cache     2*L*kv_heads*d*b_engine*tokens / tp; "full batch" is max_num_seqs*max_model_len tokens.
@@ -129,6 +144,32 @@ class ModelShape:
             )
         return self.layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
 
+    def layer_shapes(self) -> list[tuple[int, ...]]:
+        """Parameter shapes of one decoder layer: attention, MLP and the two norms."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i), (h,), (h,)]
+        if self.attention_bias:
+            shapes += [(q,), (kv,), (kv,)]
+        return shapes
+
+    def root_shapes(self) -> list[tuple[int, ...]]:
+        """What is not in a decoder layer: embeddings, lm_head when untied, final norm."""
+        return [(self.vocab, self.hidden)] * (1 if self.tied else 2) + [(self.hidden,)]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(math.prod(t) for t in self.layer_shapes())
+
+    @property
+    def root_params(self) -> int:
+        return sum(math.prod(t) for t in self.root_shapes())
+
+    def shard_params(self, workers: int) -> float:
+        """Parameters the most loaded FSDP2 worker holds (params / workers when every dim 0 divides).
+        When safetensors headers give a count other than the formula's, it is scaled to that count."""
+        sharded = fsdp_shard_params(self.root_shapes(), workers) + self.layers * fsdp_shard_params(self.layer_shapes(), workers)
+        return sharded if self.params == self.formula_params else sharded * self.params / self.formula_params
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
@@ -148,10 +189,15 @@ def safetensors_params(model_dir: Path) -> int | None:
 
 
 def model_shape(ref: str, where: str = "model.path") -> ModelShape:
-    """Read the shape of a built-in model name or a directory holding at least config.json."""
+    """Read the shape of a built-in model name, a directory holding at least config.json, or a Hugging
+    Face Hub id (only its config.json is fetched, or read from the cache)."""
+    from rayapp.models.hub import hub_config_json, parse_hub_ref
     from rayapp.models.io import BUILTIN_NAMES, resolve_model
 
     path = resolve_model(ref) if ref in BUILTIN_NAMES or ref.startswith("tiny:") else Path(ref).expanduser()
+    hub = parse_hub_ref(ref) if not path.exists() else None
+    if hub is not None:
+        path = hub_config_json(ref, hub, where).parent
     config = path / "config.json"
     if not config.exists():
         raise PlanError(
@@ -172,12 +218,19 @@ class Memory:
     weights: float = 0.0
     gradients: float = 0.0
     optimizer: float = 0.0
+    gathered: float = 0.0  # working copies: FSDP2's gathered units, autocast's bf16 weights
     activations: float = 0.0
     kv_cache: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.kv_cache
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.kv_cache
+
+
+def fsdp_shard_params(shapes: list[tuple[int, ...]], workers: int) -> int:
+    """Parameters the most loaded of ``workers`` holds when FSDP2 splits each tensor on dim 0
+    (torch.chunk: ceil(rows / workers) rows each, the last ranks get fewer)."""
+    return sum(-(-t[0] // workers) * math.prod(t[1:]) for t in shapes)
 
 
 def training_memory(
@@ -188,18 +241,35 @@ def training_memory(
     lora_params: int = 0,
     num_workers: int = 1,
     strategy: str = "ddp",
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
 ) -> Memory:
-    """Memory of one training worker (the formulas in the module docstring)."""
+    """Memory of one training worker (the formulas in the module docstring). ``precision`` is
+    resolved ('fp32' or 'bf16-mixed', see TrainConfig.resolved_precision)."""
+    if precision not in ("fp32", "bf16-mixed"):
+        raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16-mixed' (resolve 'auto' first)")
+    mixed = precision == "bf16-mixed"
     b, p = DTYPE_BYTES[dtype], shape.params
-    shard = num_workers if strategy == "fsdp" else 1
-    trainable = lora_params if lora_params else p
-    grad_bytes = LORA_DTYPE_BYTES * lora_params if lora_params else p * b
-    act = micro_batch * seq_len * shape.hidden * shape.layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER_16BIT * b / 2
-    logits = micro_batch * seq_len * shape.vocab * 4 * 2
+    c = 2 if mixed else b
+    fsdp = strategy == "fsdp"
+    n = num_workers if fsdp else 1
+    held = shape.shard_params(n) if fsdp else p  # parameters this worker keeps
+    lora = LORA_DTYPE_BYTES * lora_params / n
+    B, s, h, L, V = micro_batch, seq_len, shape.hidden, shape.layers, shape.vocab
+    if fsdp:
+        root, layer = shape.root_params, shape.layer_params
+        grad_unit = lora_params / L if lora_params else max(root, layer)
+        gathered = c * (root + 2 * layer) + (c + 4 * mixed) * grad_unit
+    else:
+        gathered = 2 * p if mixed else 0.0
+    per_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER_16BIT * c / 2
+    act = B * s * h * (L * c + per_layer) if activation_checkpointing else B * s * h * L * per_layer
+    logits = B * s * V * (4 * 2 + (2 if mixed else 0))
     return Memory(
-        weights=(p * b + LORA_DTYPE_BYTES * lora_params) / shard,
-        gradients=grad_bytes / shard,
-        optimizer=ADAMW_BYTES_PER_PARAM * trainable / shard,
+        weights=held * b + lora,
+        gradients=lora if lora_params else held * b,
+        optimizer=ADAMW_BYTES_PER_PARAM * (lora_params / n if lora_params else held),
+        gathered=gathered,
         activations=act + logits,
     )
 
@@ -295,8 +365,10 @@ def plan_training(cfg, label: str = "train") -> Part:
     lora = shape.lora_params(adapter.rank, adapter.target_modules) if adapter else 0
     n = r.num_workers
 
-    def mem(micro=t.micro_batch_size, lora_p=lora, strategy=r.strategy):
-        return training_memory(shape, m.dtype, micro, m.max_seq_len, lora_p, n, strategy)
+    precision = t.resolved_precision(r.use_gpu)
+
+    def mem(micro=t.micro_batch_size, lora_p=lora, strategy=r.strategy, ac=t.activation_checkpointing):
+        return training_memory(shape, m.dtype, micro, m.max_seq_len, lora_p, n, strategy, precision, ac)
 
     device, dev_bytes = _device(r.use_gpu, r.gpu_memory_gib, 1 if r.use_gpu else n)
     bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
@@ -305,8 +377,12 @@ def plan_training(cfg, label: str = "train") -> Part:
     trainable = lora or shape.params
     part.notes.append(f"parameters {_count(shape.params)}, trainable {_count(trainable)}"
                       f" ({100 * trainable / shape.params:.2f}%)")
-    part.notes.append(f"micro-batch {t.micro_batch_size} x seq {m.max_seq_len}, dtype {m.dtype}, "
+    part.notes.append(f"micro-batch {t.micro_batch_size} x seq {m.max_seq_len}, weights {m.dtype}, precision {precision}"
+                      f"{', activation checkpointing' if t.activation_checkpointing else ''}, "
                       f"gradient accumulation {getattr(cfg, 'grad_accum_steps', '?')}")
+    if r.strategy == "fsdp":
+        part.notes.append(f"fsdp: each worker holds {shape.shard_params(n) / shape.params:.2%} of the parameters, gradients and "
+                          f"optimizer state; units gathered one at a time (root + 2 decoder layers)")
     if r.use_gpu:
         part.notes.append(f"placement group: {n} bundles {bundle}, strategy PACK "
                           f"(>= {math.ceil(n * r.gpus_per_worker / 8)} node(s) of 8 GPUs)")
@@ -340,6 +416,8 @@ def plan_training(cfg, label: str = "train") -> Part:
             offer("LoRA (adapter: {rank: 8})", mem(lora_p=shape.lora_params(8)))
         if r.strategy == "ddp" and n > 1:
             offer(f"resources.strategy: fsdp over {n} workers", mem(strategy="fsdp"))
+        if not t.activation_checkpointing:
+            offer("train.activation_checkpointing: true", mem(ac=True))
         # micro-batch must divide the per-worker batch so gradient accumulation keeps global_batch_size
         per_worker = t.global_batch_size // n
         smaller = [k for k in range(t.micro_batch_size - 1, 0, -1) if per_worker % k == 0]
@@ -477,7 +555,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"\n{p.name}: {p.count} x {p.bundle}")
         lines += [f"  {note}" for note in p.notes]
         lines.append(f"  memory per device: weights {_gib(m.weights)}, gradients {_gib(m.gradients)}, "
-                     f"optimizer {_gib(m.optimizer)}, activations {_gib(m.activations)}, KV cache {_gib(m.kv_cache)}")
+                     f"optimizer {_gib(m.optimizer)}, gathered {_gib(m.gathered)}, activations {_gib(m.activations)}, "
+                     f"KV cache {_gib(m.kv_cache)}")
         verdict = "fits" if p.fits else "DOES NOT FIT"
         lines.append(f"  total {_gib(m.total)} of {p.device}: {verdict} (limit {USABLE_FRACTION:.0%})")
         lines += [f"  suggestion: {s}" for s in p.suggestions]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -17,6 +18,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Fake AWS credentials before any Ray process starts (tests/s3_server.py says why).
+from tests.gcs_server import gcs_server  # noqa: E402, F401 (fixtures)
+from tests.s3_server import s3_bucket, s3_server, use_fake_aws_credentials  # noqa: E402, F401 (fixtures)
+
+use_fake_aws_credentials()
 
 
 def free_port() -> int:
@@ -50,3 +57,52 @@ def ray_cluster():
     ray = ensure_ray()
     yield ray
     ray.shutdown()
+
+
+class PrivateHead:
+    """rayapp's persistent local head (`ray start --head`, started as `rayapp deploy` starts it), with
+    a record file private to the tests that use it, so no other test or user session attaches to it.
+
+    ``env`` is the environment for `rayapp` subprocesses that should find this head (deploy
+    --status/--shutdown, submit/jobs without --address)."""
+
+    def __init__(self, record: Path):
+        from rayapp.serving import local_head
+
+        self.record = record
+        self.env = dict(os.environ, RAYAPP_LOCAL_CLUSTER_FILE=str(record))
+        self.env.pop("RAY_ADDRESS", None)
+        with mock.patch.dict(os.environ, RAYAPP_LOCAL_CLUSTER_FILE=str(record)):
+            self.address = local_head.ensure_local_head(set_env=False)
+            rec = local_head.read_record()
+        self.dashboard = rec["dashboard"]
+        self.temp_dir = rec["temp_dir"]
+
+    def pids(self) -> list[int]:
+        from rayapp.serving.local_head import head_pids
+
+        return head_pids(self.temp_dir)
+
+    def stop(self) -> None:
+        from rayapp import jobs
+        from rayapp.serving import local_head
+
+        with mock.patch.dict(os.environ, RAYAPP_LOCAL_CLUSTER_FILE=str(self.record)):
+            try:  # leave no job running on a head that is going away
+                if local_head.running_dashboard():
+                    for row in jobs.list_jobs(self.dashboard):
+                        if row["state"] not in jobs.TERMINAL:
+                            jobs.stop(row["id"], self.dashboard, wait_s=30)
+            finally:
+                local_head.stop_local_head()
+
+
+
+@pytest.fixture(scope="module")
+def private_head(tmp_path_factory):
+    """A persistent local head (see PrivateHead) for one test module; stopped at its end."""
+    head = PrivateHead(tmp_path_factory.mktemp("head") / "local_cluster.json")
+    try:
+        yield head
+    finally:
+        head.stop()

@@ -7,12 +7,23 @@ missing key should have been.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Adapter sizes the managed service offers; other positive ranks are allowed too.
 VERTEX_ADAPTER_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower().rstrip(".") in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a public address
 
 
 class StrictModel(BaseModel):
@@ -22,10 +33,31 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    path: str = Field("tiny", description="A local Hugging Face directory, or a built-in name: 'tiny' (or e.g. 'tiny:layers=4,hidden=256'), 'smollm2-135m-instruct'.")
+    path: str = Field("tiny", description="A local Hugging Face directory; a built-in name: 'tiny' (or e.g. 'tiny:layers=4,hidden=256'), 'smollm2-135m-instruct'; or a Hugging Face Hub id 'ORG/NAME', pinned as 'ORG/NAME@REVISION' (branch, tag or commit), fetched once into the Hugging Face cache ($RAYAPP_HF_CACHE: one every node reads; HF_HUB_OFFLINE=1: the cache only).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for training (float32 on CPU: bf16 is slow without AVX-512).")
     trust_remote_code: bool = Field(False, description="Allow model code shipped inside the model directory to run.")
     max_seq_len: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated (or flagged as bad rows).")
+
+
+def _report_to_list(value):
+    """`report_to: tensorboard` or `[tensorboard, mlflow]`; 'none' or null for no tracker; repeats dropped."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        return list(dict.fromkeys(value))
+    return value
+
+
+# Experiment trackers a training job reports to (rayapp/tracking.py). For a training config:
+#     report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_DESCRIPTION)
+ReportTo = Annotated[list[Literal["tensorboard", "mlflow", "wandb"]], BeforeValidator(_report_to_list)]
+REPORT_TO_DESCRIPTION = (
+    "Experiment trackers that get every metrics.jsonl series, the resolved config and the report: "
+    "tensorboard (output_dir/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else output_dir/mlruns), wandb "
+    "(offline in output_dir/wandb unless logged in or $WANDB_MODE says otherwise). Needs rayapp[track]."
+)
 
 
 class DataConfig(StrictModel):
@@ -55,10 +87,31 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(1, gt=0, description="Append a metrics.jsonl row every N optimizer steps.")
     seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description="'bf16-mixed': float32 master weights and AdamW state, bf16 compute, float32 gradient reduction; 'fp32': no casting; 'auto': bf16-mixed with resources.use_gpu, fp32 on CPU (no fast bf16 there).")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward instead of storing them: less memory, about a third more compute.")
 
     @property
     def peak_lr(self) -> float:
         return self.learning_rate * self.learning_rate_multiplier
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        """'fp32' or 'bf16-mixed': what ``precision`` means on GPUs (use_gpu) or CPUs."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16-mixed" if use_gpu else "fp32"
+
+
+def check_precision(model: ModelConfig, train: TrainConfig, use_gpu: bool) -> None:
+    """bf16-mixed keeps float32 master weights, so the model must be loaded in float32."""
+    if train.resolved_precision(use_gpu) == "bf16-mixed" and model.dtype != "float32":
+        why = "train.precision: bf16-mixed" if train.precision != "auto" else \
+            "train.precision: auto (bf16-mixed because resources.use_gpu is true)"
+        raise ValueError(
+            f"model.dtype: {model.dtype} with {why}: mixed precision keeps float32 master weights and AdamW state "
+            f"and computes in bf16, so the weights must load as float32. Set model.dtype: float32 (compute is still "
+            f"bf16), or train.precision: fp32 to train the {model.dtype} weights themselves ({model.dtype} AdamW "
+            f"state, small updates lost to rounding)"
+        )
 
 
 class AdapterConfig(StrictModel):
@@ -100,6 +153,10 @@ class DeployConfig(StrictModel):
     max_num_seqs: int = Field(64, gt=0, description="Requests one replica's engine batches together.")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per replica on CPU (VLLM_CPU_KVCACHE_SPACE).")
     route_prefix: str = Field("/", description="URL prefix of the app on the Serve proxy (one app per prefix).")
+    max_n: int = Field(8, gt=0, description="Most completions one request may ask for: n (or best_of) times the number of prompts; more is a 400.")
+    max_tokens_limit: int = Field(2048, gt=0, description="Most tokens one completion may ask for (max_tokens / max_completion_tokens; more is a 400); a chat request without either gets this cap.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (default 1 MiB); a larger one is refused with a 413 before it is parsed.")
+    allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback deploy.host without an API key (anyone who reaches the port may call the model).")
 
     @model_validator(mode="after")
     def _check_replicas(self) -> DeployConfig:
@@ -109,6 +166,18 @@ class DeployConfig(StrictModel):
                 f"({self.max_replicas}); raise max_replicas or lower min_replicas"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_exposure(self) -> DeployConfig:
+        if is_loopback(self.host) or self.api_key_env or self.api_key_file or self.allow_unauthenticated:
+            return self
+        raise ValueError(
+            f"deploy.host: {self.host} serves other machines, and no API key is set (deploy.api_key_env / "
+            f"deploy.api_key_file): anyone who reaches the port could call the model. Set a key, e.g. "
+            f"`export MY_KEY=$(openssl rand -hex 32)` and deploy.api_key_env: MY_KEY (rayapp deploy --api-key-env "
+            f"MY_KEY); or keep deploy.host: 127.0.0.1; or set deploy.allow_unauthenticated: true "
+            f"(--allow-unauthenticated) to serve it open on purpose"
+        )
 
 
 class EngineConfig(StrictModel):

@@ -13,6 +13,7 @@ from rayapp.config.base import (
     ResourcesConfig,
     StrictModel,
     TrainConfig,
+    check_precision,
 )
 
 
@@ -38,6 +39,7 @@ class TrainingJobConfig(StrictModel):
                 f"train.micro_batch_size ({t.micro_batch_size}) x resources.num_workers ({r.num_workers}) = {per_step}; "
                 f"gradient accumulation is derived from the three"
             )
+        check_precision(self.model, t, r.use_gpu)
         if self.data.validation_split and self.data.validation:
             raise ValueError("data.validation and data.validation_split are both set; give a validation file or a split, not both")
         return self

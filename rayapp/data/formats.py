@@ -108,6 +108,22 @@ def present(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
+SHOWN_CHARS = 60  # longest found value quoted in an error message
+
+
+def show_value(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for quoting a found value in an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _row_keys(row: dict) -> str:
+    """The row's keys for an error message: the first ten, each cut short."""
+    keys = sorted(map(str, row))
+    shown = ", ".join(k if len(k) <= 40 else k[:40] + "..." for k in keys[:10])
+    return (shown + (f", ... ({len(keys)} keys)" if len(keys) > 10 else "")) or "none"
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -177,7 +193,7 @@ def parse_messages(row: dict, key: str = "messages", ending: str = "assistant") 
             raise RowError(f"{key}[{i}]", f"expected an object with role and content, found {_type_name(item)}", WRONG_TYPE)
         role = item.get("role")
         if role not in ROLES:
-            found = "missing" if role is None else f"'{role}'"
+            found = "missing" if role is None else show_value(role)
             raise RowError(f"{key}[{i}].role", f"{found}: expected one of {', '.join(ROLES)}", ROLE_ORDER if role else MISSING)
         content = require_text(item, "content", f"{key}[{i}].content")
         messages.append({"role": role, "content": content})
@@ -221,7 +237,7 @@ def parse_contents(row: dict, ending: str = "assistant") -> list[Message]:
             raise RowError(path, f"expected an object with role and parts, found {_type_name(item)}", WRONG_TYPE)
         role = item.get("role")
         if role not in ("user", "model"):
-            found = "missing" if role is None else f"'{role}'"
+            found = "missing" if role is None else show_value(role)
             raise RowError(f"{path}.role", f"{found}: expected user or model", ROLE_ORDER if role else MISSING)
         messages.append({"role": "assistant" if role == "model" else "user", "content": _parts_text(item, path)})
     offset = 1 if system is not None else 0
@@ -237,10 +253,9 @@ def detect_sft_format(row: dict, fmt: str = "auto") -> str:
         return "chat"
     if "input_text" in row or "output_text" in row:
         return "text"
-    keys = ", ".join(sorted(map(str, row))) or "none"
     raise RowError(
         "input_text",
-        f"missing: expected {{input_text, output_text}}, {{messages: [...]}} or {{contents: [...]}} (row keys: {keys})",
+        f"missing: expected {{input_text, output_text}}, {{messages: [...]}} or {{contents: [...]}} (row keys: {_row_keys(row)})",
         MISSING,
     )
 
@@ -266,8 +281,7 @@ def parse_prompt_messages(row: dict) -> tuple[list[Message], set[str]]:
         return parse_contents(row, ending="user"), {"contents", "systemInstruction", "system_instruction"}
     if "input_text" in row:
         return [{"role": "user", "content": require_text(row, "input_text")}], {"input_text"}
-    keys = ", ".join(sorted(map(str, row))) or "none"
-    raise RowError("input_text", f"missing: expected input_text or messages (row keys: {keys})", MISSING)
+    raise RowError("input_text", f"missing: expected input_text or messages (row keys: {_row_keys(row)})", MISSING)
 
 
 def parse_prompt(row: dict) -> PromptRecord:
@@ -306,7 +320,7 @@ def parse_preference(row: dict) -> PreferencePair:
             raise RowError("choice", "missing: expected 0 or 1 (the preferred candidate)", MISSING)
         choice = row["choice"]
         if isinstance(choice, bool) or choice not in (0, 1):
-            raise RowError("choice", f"expected 0 or 1, found {choice!r}", WRONG_TYPE)
+            raise RowError("choice", f"expected 0 or 1, found {show_value(choice)}", WRONG_TYPE)
         chosen, rejected = candidates[int(choice)], candidates[1 - int(choice)]
     if chosen == rejected:
         raise RowError("rejected", "identical to the chosen response: the pair teaches nothing", EMPTY)

@@ -80,7 +80,7 @@ def load_records(path: str | os.PathLike, parse: Callable[[dict], T], data_cfg=N
         stats.rows += 1
         try:
             if row.error is not None:
-                raise RowError("row", row.error, MALFORMED)
+                raise RowError(row.error_field, row.error, MALFORMED)
             record = parse(row.data)
         except RowError as e:
             message = f"{row.where}: {e.field}: {e.reason}"

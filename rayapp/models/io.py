@@ -1,8 +1,10 @@
-"""Resolve, load and save models: local Hugging Face directories in safetensors, no hub.
+"""Resolve, load and save models: local Hugging Face directories in safetensors.
 
 ``resolve_model("tiny")`` builds (once) the locally trained tiny model;
 ``resolve_model("smollm2-135m-instruct")`` converts (once) the packaged SmolLM2;
-any other value must be an existing directory with config.json and *.safetensors.
+an existing directory must hold config.json and *.safetensors; anything else that reads as a
+Hugging Face Hub id (``ORG/NAME``, pinned as ``ORG/NAME@REVISION``) is fetched once into the
+Hugging Face cache (rayapp/models/hub.py: where, offline mode, what is recorded).
 Built models are cached under ``$RAYAPP_CACHE`` (default ``~/.cache/rayapp``), guarded by a
 file lock so concurrent workers build once.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from rayapp.errors import UserError
 from rayapp.fileio import replace_dir_atomic
+from rayapp.models.hub import ResolvedModel, parse_hub_ref, resolve_hub_model
 from rayapp.models.packaged import PACKAGED, convert_packaged
 from rayapp.models.tiny import build_tiny_model, parse_tiny_ref
 
@@ -44,8 +47,15 @@ def _file_lock(path: Path):
 
 
 def resolve_model(ref: str, field: str = "model.path") -> Path:
-    """Turn a model reference into a local directory, building or converting built-in models once.
-    ``field`` names the config field the reference came from, for error messages."""
+    """Turn a model reference into a local directory, building or converting built-in models once
+    and fetching Hub ids once. ``field`` names the config field the reference came from, for error
+    messages. :func:`resolve_model_info` says also where the directory came from."""
+    return resolve_model_info(ref, field).path
+
+
+def resolve_model_info(ref: str, field: str = "model.path") -> ResolvedModel:
+    """Like :func:`resolve_model`, with what to record: the local path, and for a Hub model its repo
+    id and the commit hash read (``.record()`` for config.resolved.yaml, ``.pinned_ref`` for workers)."""
     if ref == "tiny" or ref.startswith("tiny:"):
         try:
             spec = parse_tiny_ref(ref)
@@ -55,18 +65,23 @@ def resolve_model(ref: str, field: str = "model.path") -> Path:
         with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
             if not (out / "config.json").exists():
                 build_tiny_model(out, spec)
-        return out
+        return ResolvedModel(ref=ref, path=out, source="builtin")
     if ref in PACKAGED:
         out = cache_dir() / "models" / ref
         with _file_lock(cache_dir() / "locks" / f"{ref}.lock"):
             if not (out / "config.json").exists():
                 convert_packaged(ref, out)
-        return out
+        return ResolvedModel(ref=ref, path=out, source="builtin")
     path = Path(ref).expanduser()
     if not path.exists():
+        hub = parse_hub_ref(ref)
+        if hub is not None:
+            return resolve_hub_model(ref, hub, field, not_local=(
+                f"no such directory and not a built-in model ({', '.join(BUILTIN_NAMES)}); "
+            ))
         raise ModelError(
-            f"{field} '{ref}': no such directory, and not a built-in model ({', '.join(BUILTIN_NAMES)}); "
-            "nothing is downloaded, so give a local Hugging Face directory"
+            f"{field} '{ref}': no such directory, and not a built-in model ({', '.join(BUILTIN_NAMES)}) or a "
+            "Hugging Face Hub id (ORG/NAME or ORG/NAME@REVISION); give a local Hugging Face directory"
         )
     if not (path / "config.json").exists():
         raise ModelError(f"{field} '{ref}': {path} has no config.json; is it a Hugging Face model directory?")
@@ -75,7 +90,8 @@ def resolve_model(ref: str, field: str = "model.path") -> Path:
             f"{field} '{ref}': {path} has no *.safetensors weights; rayapp loads safetensors only "
             "(convert .bin weights with `model.save_pretrained(dir, safe_serialization=True)`)"
         )
-    return path.resolve()  # absolute: Ray workers run in other working directories
+    # absolute: Ray workers run in other working directories
+    return ResolvedModel(ref=ref, path=path.resolve(), source="directory")
 
 
 def torch_dtype(name: str):

@@ -18,6 +18,8 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_deploy(args) -> int:
+    from pydantic import ValidationError
+
     from rayapp.config.base import DeployConfig
     from rayapp.serving import deploy as dep
 
@@ -42,8 +44,12 @@ def _cmd_deploy(args) -> int:
               "max_replicas": max(args.max_replicas, args.min_replicas), "blocking": args.blocking,
               "max_model_len": args.max_model_len, "use_gpu": args.gpu,
               "tensor_parallel_size": args.tensor_parallel_size, "api_key_env": args.api_key_env,
-              "api_key_file": args.api_key_file}
-    deploy = DeployConfig(**{k: v for k, v in fields.items() if v is not None})
+              "api_key_file": args.api_key_file, "allow_unauthenticated": args.allow_unauthenticated}
+    try:
+        deploy = DeployConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        raise DeployError("rayapp deploy: " + "; ".join(err["msg"].removeprefix("Value error, ")
+                                                       for err in e.errors())) from None
     name = args.name or _default_name(args.model)
     if args.reward:
         info = dep.deploy_reward_model(args.model, deploy, name)
@@ -82,6 +88,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--api-key-env", help="environment variable holding the API key")
     p.add_argument("--api-key-file", help="file holding the API key")
+    p.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                   help="serve on a non-loopback --host without an API key (anyone who reaches the port may call it)")
     p.add_argument("--reward", action="store_true", help="serve a reward model on /v1/score")
     p.add_argument("--blocking", action="store_true", default=None, help="stay in the foreground until Ctrl-C")
     p.add_argument("--status", action="store_true", help="list deployments: name, state, URL, replicas")

@@ -80,7 +80,7 @@ def connect(start_local: bool = True):
     import ray
 
     from rayapp.runtime import ensure_ray
-    from rayapp.serving.local_head import ensure_local_head, running_head
+    from rayapp.serving.local_head import ensure_local_head, running_head, use_head
 
     if ray.is_initialized():
         return ray
@@ -91,7 +91,7 @@ def connect(start_local: bool = True):
             address = running_head()
             if address is None:
                 return None
-            os.environ["RAY_ADDRESS"] = address
+            use_head(address)
     return ensure_ray()
 
 

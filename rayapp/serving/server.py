@@ -63,19 +63,22 @@ class RayappIngress(OpenAiIngress):
             return f"{self._base_id}:{model}"
         if model and ":" in model and model not in self._model_cards:
             if get_lora_id(model) not in self._adapter_names or get_base_model_id(model) != self._base_id:
-                raise HTTPException(
-                    status.HTTP_404_NOT_FOUND,
-                    f"unknown model '{model}'; served: {self._served()}",
-                )
+                raise self._unknown_model(model)
         return model
 
     def _served(self) -> list[str]:
         return [*self._model_cards, *self._adapter_names]
 
+    def _unknown_model(self, model: str) -> HTTPException:
+        # A dict detail carries param and code through to rayapp's OpenAIErrorMiddleware.
+        return HTTPException(status.HTTP_404_NOT_FOUND, {
+            "message": f"unknown model '{model}'; this deployment serves: {', '.join(self._served())}",
+            "param": "model", "code": "model_not_found"})
+
     async def _get_model_id(self, model):
         if model is not None and model not in self._model_cards and model not in self._adapter_names \
                 and ":" not in model:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model '{model}'; served: {self._served()}")
+            raise self._unknown_model(model)
         return await super()._get_model_id(self._full_id(model))
 
     async def _get_response(self, *, body, call_method, raw_request=None):
@@ -87,7 +90,8 @@ class RayappIngress(OpenAiIngress):
             try:
                 body.messages = list(body.messages)
             except (TypeError, ValueError) as e:
-                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid request body: messages: {e}") from e
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, {"message": f"invalid request body: messages: {e}",
+                                                                  "param": "messages", "code": "invalid_type"}) from e
         started = False
         try:
             async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):

@@ -9,32 +9,17 @@ import psutil
 import pytest
 
 from rayapp.data.readers import read_jsonl
-from tests.integration.test_jobs import rayapp, registered_step, start_head, wait_for
+from tests.integration.test_jobs import rayapp, registered_step, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    head = start_head()
-    try:
-        yield head
-    finally:
-        from rayapp import jobs
-
-        try:
-            for row in jobs.list_jobs(head.address):
-                if row["state"] not in jobs.TERMINAL:
-                    jobs.stop(row["id"], head.address, wait_s=30)
-        finally:
-            head.close()
-
-
 def train_workers_of(head) -> list[psutil.Process]:
-    """RayTrainWorker actor processes that belong to this head (descendants of its `ray start`)."""
+    """RayTrainWorker actor processes that belong to this head."""
     found = []
-    for p in psutil.Process(head.proc.pid).children(recursive=True):
+    for pid in head.pids():
         try:
+            p = psutil.Process(pid)
             if "RayTrainWorker" in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.NoSuchProcess:
@@ -42,18 +27,18 @@ def train_workers_of(head) -> list[psutil.Process]:
     return found
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_head, tmp_path):
+def test_killed_worker_resumes_from_checkpoint(private_head, tmp_path):
     out = tmp_path / "sft_fail"
     # 32 steps, a checkpoint every 2: the kill lands well before the end.
     overrides = [f"output_dir={out}", "resources.max_failures=1", "train.epochs=2", "train.checkpoint_every=2",
                  "train.eval_every=1000"]
-    r = rayapp("submit", "jobs/sft_tiny.yaml", *overrides, "--address", ray_head.address)
+    r = rayapp("submit", "jobs/sft_tiny.yaml", *overrides, "--address", private_head.dashboard)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().splitlines()[0]
 
     # Kill only once Ray Train has registered a checkpoint: a directory on disk may still be in flight.
     wait_for(lambda: registered_step(out), 400, f"a registered checkpoint under {out}")
-    workers = wait_for(lambda: train_workers_of(ray_head), 60, "RayTrainWorker processes")
+    workers = wait_for(lambda: train_workers_of(private_head), 60, "RayTrainWorker processes")
     killed_after = registered_step(out)
     victim = workers[-1]
     victim.send_signal(signal.SIGKILL)
@@ -61,8 +46,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_head, tmp_path):
 
     from rayapp import jobs
 
-    state = jobs.wait(job_id, ray_head.address, timeout_s=900)
-    logs = jobs.logs(job_id, ray_head.address)
+    state = jobs.wait(job_id, private_head.dashboard, timeout_s=900)
+    logs = jobs.logs(job_id, private_head.dashboard)
     assert state == "SUCCEEDED", logs[-4000:]
     # Every restarted worker reports the same step (one group restart, one checkpoint).
     resumed_at = {int(chunk.split()[0]) for chunk in logs.split("resuming from checkpoint at step ")[1:]}

@@ -61,6 +61,24 @@ def test_cross_field_check_names_both_fields(tmp_path):
     assert "train.global_batch_size (10)" in msg and "train.micro_batch_size (4)" in msg and "resources.num_workers (2)" in msg
 
 
+def test_precision_resolves_and_refuses_bf16_masters(tmp_path):
+    p = _write(tmp_path, "kind: sft\n")
+    assert load_job(p).train.resolved_precision(use_gpu=False) == "fp32"
+    assert load_job(p, ["resources.use_gpu=true"]).train.resolved_precision(use_gpu=True) == "bf16-mixed"
+    assert load_job(p, ["train.precision=bf16-mixed"]).train.resolved_precision(use_gpu=False) == "bf16-mixed"
+    # bf16 weights with mixed precision: no float32 masters. Refused, with both ways out.
+    for overrides, why in ((["train.precision=bf16-mixed"], "train.precision: bf16-mixed"),
+                           (["resources.use_gpu=true"], "train.precision: auto (bf16-mixed because resources.use_gpu")):
+        with pytest.raises(ConfigError) as e:
+            load_job(p, ["model.dtype=bfloat16", *overrides])
+        msg = str(e.value)
+        assert "model.dtype: bfloat16" in msg and why in msg
+        assert "Set model.dtype: float32" in msg and "train.precision: fp32" in msg
+    # Pure bf16 training stays possible when asked for by name.
+    cfg = load_job(p, ["model.dtype=bfloat16", "resources.use_gpu=true", "train.precision=fp32"])
+    assert cfg.train.resolved_precision(use_gpu=True) == "fp32"
+
+
 def test_unknown_kind_and_missing_kind(tmp_path):
     with pytest.raises(ConfigError, match=r"job.yaml:1: kind: unknown job kind 'sfy'"):
         load_job(_write(tmp_path, "kind: sfy\n"))

@@ -26,3 +26,15 @@ def test_config_data_algorithms_import_light():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "heavy: []" in r.stdout
+
+
+def test_storage_imports_light():
+    """rayapp.storage is imported by recipes, deploy and the CLI: pyarrow comes in only when a store is opened."""
+    code = (
+        "import sys, rayapp.storage\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'vllm', 'transformers', 'torch', 'pyarrow'})\n"
+        "print('heavy:', loaded)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "heavy: []" in r.stdout

@@ -79,6 +79,50 @@ def test_lora_and_fsdp_memory_by_hand(smol_dir):
     assert d.weights == 134_515_008 * 2  # ddp keeps a full replica
 
 
+def test_fsdp_bf16_mixed_and_checkpointing_by_hand(smol_dir):
+    shape = P.model_shape(str(smol_dir))
+    p = 134_515_008
+    root, layer = 49152 * 576 + 576, 3_540_096  # embeddings (tied lm_head) + final norm; one decoder layer
+    assert (shape.root_params, shape.layer_params) == (root, layer) and root + 30 * layer == p
+    f = P.training_memory(shape, "float32", micro_batch=1, seq_len=512, num_workers=8, strategy="fsdp",
+                          precision="bf16-mixed")
+    # every dim 0 of SmolLM2 divides by 8: exactly 1/8 of float32 masters, gradients and AdamW state
+    assert (f.weights, f.gradients, f.optimizer) == (p * 4 / 8, p * 4 / 8, p * 8 / 8)
+    # bf16 root + 2 layers gathered, and the root's full gradient in bf16 plus its float32 reduce copy
+    assert f.gathered == 2 * (root + 2 * layer) + (2 + 4) * root == 240_657_408
+    # 16-bit activations (34 B per token, hidden unit and layer), float32 logits + gradient, bf16 logits
+    assert f.activations == 512 * 576 * 30 * 34 + 512 * 49152 * (8 + 2)
+    ac = P.training_memory(shape, "float32", micro_batch=1, seq_len=512, num_workers=8, strategy="fsdp",
+                           precision="bf16-mixed", activation_checkpointing=True)
+    assert ac.activations == 512 * 576 * (30 * 2 + 34) + 512 * 49152 * (8 + 2)  # layer inputs + one layer
+    assert ac.total < f.total
+    d = P.training_memory(shape, "float32", micro_batch=1, seq_len=512, num_workers=8, strategy="ddp",
+                          precision="bf16-mixed")
+    assert (d.weights, d.gradients, d.optimizer, d.gathered) == (p * 4, p * 4, p * 8, p * 2)  # + autocast's bf16 copy
+    fp32 = P.training_memory(shape, "float32", micro_batch=1, seq_len=512, num_workers=8, strategy="fsdp")
+    assert fp32.gathered == 4 * (root + 2 * layer) + 4 * root
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        P.training_memory(shape, precision="auto")
+
+
+def test_uneven_fsdp_split_counts_the_fullest_worker():
+    # torch.chunk on dim 0: 5 rows over 2 workers is 3 + 2, 4 rows is 2 + 2
+    assert P.fsdp_shard_params([(5, 3), (4,)], 2) == 3 * 3 + 2
+    assert P.fsdp_shard_params([(3, 7)], 8) == 7  # fewer rows than workers: one row on the fullest
+
+
+def test_plan_notes_precision_and_suggests_checkpointing(tmp_path, smol_dir):
+    job = _job(tmp_path, smol_dir, "train: {max_steps: 5, global_batch_size: 64, micro_batch_size: 8}\n"
+                                   "resources: {num_workers: 8, use_gpu: true, gpu_memory_gib: 4, strategy: fsdp}\n")
+    (part,) = P.estimate_plan(load_job(job)).parts
+    assert any("precision bf16-mixed" in n for n in part.notes)
+    assert any("12.50% of the parameters" in n for n in part.notes)
+    assert any(s.startswith("train.activation_checkpointing: true") for s in part.suggestions)
+    (ac,) = P.estimate_plan(load_job(job, ["train.activation_checkpointing=true"])).parts
+    assert ac.memory.activations < part.memory.activations
+    assert not any("activation_checkpointing" in s for s in ac.suggestions)
+
+
 def test_kv_cache_by_hand(smol_dir):
     shape = P.model_shape(str(smol_dir))
     assert shape.kv_bytes_per_token(2) == 2 * 30 * 3 * 64 * 2 == 23_040
@@ -101,7 +145,7 @@ def _job(tmp_path, smol_dir, body: str, rows: int = 100):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"input_text": f"q{i}", "output_text": "a"}) + "\n" for i in range(rows)))
     job = tmp_path / "job.yaml"
-    job.write_text(f"kind: sft\nmodel: {{path: {smol_dir}, dtype: bfloat16, max_seq_len: 1024}}\n"
+    job.write_text(f"kind: sft\nmodel: {{path: {smol_dir}, max_seq_len: 1024}}\n"
                    f"data: {{train: {data}}}\n{body}")
     return job
 
