@@ -22,9 +22,6 @@ from tests.conftest import ROOT, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-
-
-
 def rayapp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The rayapp command in a subprocess, run from the project root as a user would."""
     env = dict(os.environ)

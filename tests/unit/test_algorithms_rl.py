@@ -178,3 +178,15 @@ def test_kl_penalized_rewards():
     # row1: no response token -> all zeros, the score goes nowhere
     out = kl_penalized_rewards(scores, logp, ref, mask, 0.1)
     assert torch.allclose(out, T([[-0.05, 1.05, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_every_algorithm_is_made_of_registry_entries():
+    """The RL recipe looks each part of `algorithm:` up in these registries."""
+    from rayapp.algorithms.rl import ALGORITHMS
+    from rayapp.config.rl import RLHFJobConfig
+
+    assert set(ALGORITHMS) == set(RLHFJobConfig.model_fields["algorithm"].annotation.__args__)
+    for algo in ALGORITHMS.values():
+        assert algo.advantage in ADVANTAGE_ESTIMATORS and algo.policy_loss in POLICY_LOSSES and algo.kl in KL_ESTIMATORS
+        assert algo.kl_in in ("reward", "loss")
+    assert ALGORITHMS["ppo"].critic and not ALGORITHMS["grpo"].critic  # GAE needs values; group advantages do not

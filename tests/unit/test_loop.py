@@ -177,3 +177,25 @@ def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, t
     lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[quiet]")]
     assert [x.split()[1] for x in lines] == ["1/6", "6/6"], lines
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resumed_run_follows_its_own_schedule(fresh_model, tmp_path):
+    """The resume rule of build_optimizer: a re-run with more steps continues from the checkpoint's
+    step on the new schedule (not the finished run's decayed one)."""
+    items = _examples(16, 1000)
+
+    def cfg(steps):
+        return TrainConfig(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3, max_steps=steps, checkpoint_every=2,
+                           warmup_ratio=0.0, min_lr_ratio=0.1)
+
+    def run(steps, reporter):
+        return fit(model=fresh_model(), train_items=items, val_items=None, collate=_collate, count_fn=count_supervised,
+                   loss_fn=sft_loss, cfg=cfg(steps), micro_batch_size=8, reporter=reporter)
+
+    run(4, LocalReporter(tmp_path))
+    reporter = LocalReporter(tmp_path)
+    assert run(8, reporter).resumed_from == 4
+    # reported at step 6: the learning rate of optimizer step 5 (0-based) of the 8-step schedule
+    assert [m["step"] for m in reporter.history] == [6, 8]
+    assert reporter.history[0]["lr"] == pytest.approx(1e-3 * lr_lambda(cfg(8), 8)(5))
+    assert lr_lambda(cfg(8), 8)(5) > lr_lambda(cfg(4), 4)(3)  # not the 4-step run's floor
