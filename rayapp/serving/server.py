@@ -24,10 +24,20 @@ __all__ = ["RayappIngress", "RayappLLMServer", "ingress_fastapi_app", "to_model_
 
 
 class RayappLLMServer(LLMServer):
-    """``LLMServer`` whose LoRA adapters come from local directories named at deploy time."""
+    """``LLMServer`` whose LoRA adapters come from local directories named at deploy time; what came
+    from an s3:// / gs:// URI (``sources``) is downloaded into this replica's node cache first."""
 
-    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, **kwargs):
+    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, sources: dict | None = None,
+                       **kwargs):
         self._adapter_dirs = dict(adapters or {})
+        sources = sources or {}
+        if sources.get("model") or sources.get("adapters"):
+            from rayapp.storage import fetch_dir
+
+            if sources.get("model"):
+                llm_config.model_loading_config.model_source = str(fetch_dir(sources["model"]))
+            for name, uri in (sources.get("adapters") or {}).items():
+                self._adapter_dirs[name] = str(fetch_dir(uri))
         await super().__init__(llm_config, **kwargs)
 
     def _init_multiplex_loader(self, model_downloader_cls=None):
