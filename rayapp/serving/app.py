@@ -445,10 +445,10 @@ def build_app(model_dir: str | Path, name: str, deploy: DeployConfig, adapters: 
               api_key: str | None = None, sources: dict | None = None):
     """The Serve application: one ``LLMServer`` deployment behind the OpenAI ingress (with auth if a key is given).
 
-    ``model_dir`` and ``adapters`` are local directories here. ``sources``: ``{"model": URI or None,
-    "adapters": {name: URI}}`` for those that came from object storage; each replica downloads them
-    into its own node's cache (rayapp.storage.fetch_dir) before its engine starts, so a replica on
-    another node than this one finds them."""
+    ``model_dir`` and ``adapters`` are local directories here. ``sources``: ``{"model": OutputStore or
+    None, "adapters": {name: OutputStore}}`` for those that came from object storage
+    (:meth:`rayapp.serving.deploy.Source.stores`); each replica downloads them into its own node's
+    cache (``store.fetch_dir()``) before its engine starts, so a replica on another node finds them."""
     from ray import serve
     from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress

@@ -47,6 +47,14 @@ class Source:
     base_uri: str | None = None
     adapter_uris: dict[str, str] = field(default_factory=dict)
 
+    def stores(self) -> dict:
+        """``{"model": OutputStore or None, "adapters": {name: OutputStore}}`` for the URIs: a store
+        pickles with its endpoint inside, so a replica reaches the same server as this process."""
+        from rayapp.storage import open_output
+
+        return {"model": open_output(self.base_uri, check=False) if self.base_uri else None,
+                "adapters": {k: open_output(u, check=False) for k, u in self.adapter_uris.items()}}
+
 
 def resolve_source(model: str, adapters: dict[str, str] | None = None, name: str = "model") -> tuple[Path, dict[str, str]]:
     """(base model dir, adapters) from a model reference or a job's output_dir, as local
@@ -198,8 +206,7 @@ def deploy_model(model_dir: str | Path, adapters: dict[str, str] | None, deploy:
     port = start_serve(deploy)
     started = time.time()
     log.info("deploying %s from %s (adapters: %s) ...", name, src.base_uri or base, ", ".join(adapters) or "none")
-    app = build_app(base, name, deploy, adapters, api_key=api_key,
-                    sources={"model": src.base_uri, "adapters": src.adapter_uris})
+    app = build_app(base, name, deploy, adapters, api_key=api_key, sources=src.stores())
     try:
         serve.run(app, name=name, route_prefix=deploy.route_prefix, blocking=False)
     except RuntimeError as e:  # the replica's own error is in the message; the full log is on the cluster
@@ -250,10 +257,9 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
     from rayapp.serving.reward_server import build_reward_deployment
     from rayapp.storage import is_uri
 
-    if is_uri(model_dir):  # each replica downloads it into its node's cache (rayapp.models.io.resolve_model)
+    if is_uri(model_dir):  # each replica downloads it into its node's cache (RewardScorer)
         src = find_source(str(model_dir))
-        base = src.base_uri or src.base
-        resolve_model(str(base))
+        base = src.stores()["model"] or src.base
     else:
         path = Path(model_dir)
         base = path / "model" if (path / "model" / "config.json").exists() else resolve_model(str(model_dir))
@@ -269,7 +275,7 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
                             "target_ongoing_requests": deploy.target_ongoing_requests},
     )
     try:
-        serve.run(deployment.bind(str(base), name, deploy.max_model_len or 512), name=name,
+        serve.run(deployment.bind(base if hasattr(base, "fetch_dir") else str(base), name, deploy.max_model_len or 512), name=name,
                   route_prefix=deploy.route_prefix, blocking=False)
     except RuntimeError as e:
         raise DeployError(f"deploying reward model '{name}' from {base} failed: {str(e)[-1500:]}\n"

@@ -31,13 +31,10 @@ class RayappLLMServer(LLMServer):
                        **kwargs):
         self._adapter_dirs = dict(adapters or {})
         sources = sources or {}
-        if sources.get("model") or sources.get("adapters"):
-            from rayapp.storage import fetch_dir
-
-            if sources.get("model"):
-                llm_config.model_loading_config.model_source = str(fetch_dir(sources["model"]))
-            for name, uri in (sources.get("adapters") or {}).items():
-                self._adapter_dirs[name] = str(fetch_dir(uri))
+        if sources.get("model") is not None:  # an OutputStore: downloaded once into this node's cache
+            llm_config.model_loading_config.model_source = str(sources["model"].fetch_dir())
+        for name, store in (sources.get("adapters") or {}).items():
+            self._adapter_dirs[name] = str(store.fetch_dir())
         await super().__init__(llm_config, **kwargs)
 
     def _init_multiplex_loader(self, model_downloader_cls=None):
