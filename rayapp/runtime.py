@@ -183,7 +183,7 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
                            f"{fields.get(k, k)}: no node has any {k}" for k in short)
         raise ResourceError(
             f"{what} asks for {count} worker(s) of {_fmt_res(bundle)} each, but no node of this cluster can hold one "
-            f"(nodes: {shapes}): {change}, or add nodes with at least {_fmt_res({k: bundle[k] for k in short})}"
+            f"(nodes: {shapes}): {change}, or add nodes with at least {' and '.join(f'{bundle[k]:g} {k}' for k in short)}"
         )
     if strategy == "STRICT_PACK":
         holds = max(per_node)

@@ -60,8 +60,8 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """Reporter for single-process runs: keeps metrics, copies checkpoints into ``root`` (none
-    are written without a root)."""
+    """Reporter without Ray: keeps metrics, copies checkpoints into ``root`` (none are written
+    without a root). Also for the ranks of a torch process group of its own (tests, benches)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root else None
@@ -74,9 +74,8 @@ class LocalReporter:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.history.append(metrics)
         if checkpoint_dir and self.root:
-            dest = self.root / f"step_{metrics['step']:06d}"
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, dest)
+            # Every rank of a process group reports its own shard files: merged, as Ray Train does.
+            shutil.copytree(checkpoint_dir, self.root / f"step_{metrics['step']:06d}", dirs_exist_ok=True)
 
     def latest_checkpoint(self) -> str | None:
         if not self.root or not self.root.exists():
