@@ -1,16 +1,20 @@
-"""Training-step throughput on one device with rayapp's parallel layer: the process group from
-``process_group_backend`` (world size 1; NCCL-backed on a GPU), FSDP2, bf16-mixed and activation
-checkpointing, on randomly initialised models of SmolLM2-135M's and Qwen2.5-0.5B's shapes
-(configs below, nothing downloaded).
+"""Training-step throughput on one device through rayapp's own step loop
+(:func:`rayapp.training.loop.fit`, as every recipe runs it, in a single process): the process group
+from ``process_group_backend`` (world size 1; ``cpu:gloo,cuda:nccl`` on a GPU, so the loop's CPU
+all-reduces of token counts and metric sums go to gloo and CUDA tensors to NCCL), FSDP2, bf16-mixed
+and activation checkpointing (:func:`rayapp.training.parallel.prepare_model`), on randomly initialised
+models of SmolLM2-135M's and Qwen2.5-0.5B's shapes (configs below, nothing downloaded).
 
-Needs only torch and transformers (no ray, vllm or peft), so it runs on a bare GPU machine with
-this repository copied over:
+Needs only torch and transformers (no ray, vllm, peft or pydantic), so it runs on a bare GPU machine
+with this repository copied over:
 
     python bench/gpu_train_step.py --device cuda [--steps 20] [--seq-len 2048] [--batch 4]
     python bench/gpu_train_step.py --device cpu --steps 2 --seq-len 32 --batch 1 --models smollm2-135m
 
-One step is: forward, float32 cross-entropy on the logits, backward, clip_grad_norm (the global
-norm), AdamW step. The first step (allocations, kernel selection) is a warm-up and not timed.
+One step is the loop's: forward of each micro-batch, float32 cross-entropy summed over tokens and
+divided by the step's all-reduced token count, backward, clip_grad_norm (the global norm), AdamW
+step and LR schedule, metrics all-reduced. The first step (allocations, kernel selection) is a
+warm-up and not timed.
 
 MFU = achieved model FLOP/s / peak. Model FLOPs per token are 6*P_matmul + 12*L*s*h_attn (PaLM,
 appendix B: weight matmuls forward and backward, plus attention scores and values; the causal mask's
@@ -38,10 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from rayapp.training import parallel  # noqa: E402  (torch only)
+from rayapp.training import loop, parallel  # noqa: E402  (torch only)
 
 PLAN_MFU = 0.40  # rayapp.plan.DEFAULT_MFU: what `rayapp plan` assumes for GPU-hours
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16
@@ -95,6 +102,39 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux; the process's max RSS
 
 
+@dataclass
+class StepConfig:
+    """The ``train:`` settings the loop reads (the fields of rayapp.config.base.TrainConfig that
+    fit uses, without pydantic): a constant learning rate, global gradient clipping, no
+    evaluation or checkpoints."""
+
+    global_batch_size: int
+    max_steps: int
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 1.0
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 1 << 30
+    checkpoint_every: int = 1 << 30
+    log_every: int = 1
+    seed: int = 0
+    epochs: float = 1.0
+
+    @property
+    def peak_lr(self) -> float:
+        return self.learning_rate
+
+
+def token_loss(model, batch) -> loop.LossParts:
+    """The loop's loss_fn: next-token cross-entropy summed over the tokens, in float32 (the root
+    casts its output back under bf16-mixed)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                 batch["targets"].reshape(-1), reduction="sum")
+    return loop.LossParts(loss_sum=loss_sum, count=batch["targets"].numel())
+
+
 def run_model(name: str, args, device: torch.device) -> dict:
     model = build(name, args.seed, args.layers)
     params = sum(p.numel() for p in model.parameters())
@@ -103,26 +143,26 @@ def run_model(name: str, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = parallel.prepare_model(model, "fsdp", device, args.precision, activation_checkpointing=not args.no_ac)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(args.seed)
     vocab = MODELS[name][1]["vocab_size"]
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=g).to(device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    losses, norms, times = [], [], []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        logits = model(input_ids=inputs).logits  # float32: the root casts its output back
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        del logits
-        loss.backward()
-        norms.append(parallel.clip_grad_norm(model, 1.0))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # a sync point on CUDA
-        times.append(time.perf_counter() - t0)
+    sequences = list(torch.randint(0, vocab, (args.batch * args.steps, args.seq_len + 1), generator=g))
+
+    def collate(rows: list[torch.Tensor]) -> dict:
+        ids = torch.stack(rows)
+        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+
+    cfg = StepConfig(global_batch_size=args.batch, max_steps=args.steps, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "metrics.jsonl")
+        loop.fit(model=model, train_items=sequences, val_items=None, collate=collate,
+                 count_fn=lambda b: b["targets"].numel(), loss_fn=token_loss, cfg=cfg,
+                 micro_batch_size=args.micro_batch or args.batch, reporter=loop.LocalReporter(), metrics_path=metrics,
+                 name=name, device=device)
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f]
+    losses = [r["loss"] for r in rows]
+    norms = [r["grad_norm"] for r in rows]
+    times = [r["step_time_s"] for r in rows]
     timed = times[1:] or times  # the first step warms up
     step_s = sum(timed) / len(timed)
     tokens = args.batch * args.seq_len
@@ -131,16 +171,16 @@ def run_model(name: str, args, device: torch.device) -> dict:
     out = {
         "model": name if args.layers is None else f"{name}[L={args.layers}]", "params": params,
         "layers": model.config.num_hidden_layers, "strategy": "fsdp", "precision": args.precision,
-        "activation_checkpointing": not args.no_ac, "batch": args.batch, "seq_len": args.seq_len,
-        "steps": args.steps, "timed_steps": len(timed), "step_s": step_s, "tokens_per_s": tokens / step_s,
-        "model_tflops_per_token": fpt / 1e12, "achieved_tflops": tflops,
+        "activation_checkpointing": not args.no_ac, "batch": args.batch, "micro_batch": args.micro_batch or args.batch,
+        "seq_len": args.seq_len, "steps": args.steps, "timed_steps": len(timed), "step_s": step_s,
+        "tokens_per_s": tokens / step_s, "model_tflops_per_token": fpt / 1e12, "achieved_tflops": tflops,
         "peak_tflops": peak, "mfu": tflops / peak if peak else None,
         "peak_memory_gib": peak_memory_gib(device),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "losses": losses, "grad_norms": norms,
+        "losses": losses, "grad_norms": norms, "loop": "rayapp.training.loop.fit",
         "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
     }
-    del model, opt
+    del model
     return out
 
 
@@ -164,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per model; the first is not timed")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4, help="sequences per step")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="sequences per forward/backward (default: --batch, no accumulation)")
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers instead of the model's own (a quick CPU check; the table marks it [L=N])")
     ap.add_argument("--precision", choices=list(parallel.PRECISIONS), default="bf16-mixed")
@@ -176,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be at least 1")
+    if args.micro_batch and args.batch % args.micro_batch:
+        ap.error(f"--batch {args.batch} is not a multiple of --micro-batch {args.micro_batch}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")

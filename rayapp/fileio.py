@@ -13,6 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """rayapp's cache on this machine: ``$RAYAPP_CACHE``, default ``~/.cache/rayapp`` (built models,
+    output-store mirrors and downloads)."""
+    root = Path(os.environ.get("RAYAPP_CACHE", Path.home() / ".cache" / "rayapp"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

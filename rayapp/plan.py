@@ -383,11 +383,13 @@ def plan_training(cfg, label: str = "train") -> Part:
     if r.strategy == "fsdp":
         part.notes.append(f"fsdp: each worker holds {shape.shard_params(n) / shape.params:.2%} of the parameters, gradients and "
                           f"optimizer state; units gathered one at a time (root + 2 decoder layers)")
+    ps = r.placement_strategy
     if r.use_gpu:
-        part.notes.append(f"placement group: {n} bundles {bundle}, strategy PACK "
-                          f"(>= {math.ceil(n * r.gpus_per_worker / 8)} node(s) of 8 GPUs)")
+        nodes = n if "SPREAD" in ps else math.ceil(n * r.gpus_per_worker / 8)
+        part.notes.append(f"placement group: {n} bundles {bundle}, strategy {ps} "
+                          f"({'up to ' if ps == 'SPREAD' else '>= '}{nodes} node(s) of 8 GPUs)")
     else:
-        part.notes.append(f"placement group: {n} bundles {bundle}, strategy PACK")
+        part.notes.append(f"placement group: {n} bundles {bundle}, strategy {ps}")
     # Compute
     rows = count_rows(getattr(getattr(cfg, "data", None), "train", None))
     if t.max_steps:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import Counter
 
 from rayapp.errors import UserError
 
@@ -108,11 +109,55 @@ def quiet_local_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job") -> None:
-    """Raise ResourceError when the cluster can never satisfy the request (instead of waiting forever)."""
+def node_capacities(ray, most_per_type: int = 64) -> list[dict[str, float]]:
+    """Total resources of every node a job could run on: the alive nodes, and on a cluster with an
+    autoscaler (``ray up cluster.yaml``) ``max_workers`` more nodes of each type (an upper bound:
+    some of them may be running already, so a job is never refused that the autoscaler could
+    place; at most ``most_per_type`` of a type without a limit). Reads the autoscaler's cluster
+    config from the GCS (``ray._private.state``: Ray has no public API for it); without one, the
+    alive nodes only."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in alive]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older GCS, or no autoscaler: the alive nodes are all there is
+        config = None
+    for group in getattr(config, "node_group_configs", None) or []:
+        resources = {k: float(v) for k, v in dict(group.resources).items()}
+        if not resources:
+            continue
+        more = most_per_type if group.max_count < 0 else group.max_count
+        nodes += [dict(resources) for _ in range(min(more, most_per_type))]
+    return nodes
+
+
+def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of ``bundle`` one node holds."""
+    counts = [int(node.get(k, 0.0) // v + 1e-9) for k, v in bundle.items() if v > 0]
+    return min(counts) if counts else 1 << 30
+
+
+def _fmt_res(res: dict[str, float]) -> str:
+    """CPU and GPU of a node or a bundle, e.g. ``{CPU: 2, GPU: 8}`` (other resources left out)."""
+    shown = {"CPU": res.get("CPU", 0.0), **({"GPU": res["GPU"]} if res.get("GPU") else {})}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
+
+
+def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job", *, bundles: list[dict] | None = None,
+                    fields: dict[str, str] | None = None, strategy: str = "PACK") -> None:
+    """Raise ResourceError when the cluster can never satisfy the request (instead of waiting forever).
+
+    ``cpus`` / ``gpus``: the totals asked for, checked against what the cluster's nodes hold (and an
+    autoscaler may add: :func:`node_capacities`). ``bundles``: the per-worker requests of one
+    placement group (identical dicts, e.g. ``[{"CPU": 1, "GPU": 1}] * 8``): each must fit on one
+    node, and the nodes together must hold all of them as ``strategy`` (a Ray placement strategy)
+    places them; ``fields`` names the config field behind each resource for the message."""
     ray = ensure_ray()
-    total = ray.cluster_resources()
-    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    nodes = node_capacities(ray)
+    have_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    have_gpu = sum(n.get("GPU", 0.0) for n in nodes)
     problems = []
     if cpus > have_cpu:
         problems.append(f"{cpus:g} CPUs but the cluster has {have_cpu:g}")
@@ -125,3 +170,33 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
             "or start the local cluster with more logical CPUs (RAYAPP_LOCAL_CPUS)"
         )
         raise ResourceError(f"{what} asks for {' and '.join(problems)}; {hint}")
+    if not bundles:
+        return
+    bundle, count = {k: float(v) for k, v in bundles[0].items() if v}, len(bundles)
+    fields = fields or {}
+    per_node = [_fits(n, bundle) for n in nodes]
+    shapes = ", ".join(f"{c} x {s}" for s, c in Counter(_fmt_res(n) for n in nodes).items())
+    if not any(per_node):
+        largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in bundle}
+        short = [k for k, v in bundle.items() if v > largest[k]]
+        change = "; ".join(f"set {fields.get(k, k)} to at most {largest[k]:g}" if largest[k] else
+                           f"{fields.get(k, k)}: no node has any {k}" for k in short)
+        raise ResourceError(
+            f"{what} asks for {count} worker(s) of {_fmt_res(bundle)} each, but no node of this cluster can hold one "
+            f"(nodes: {shapes}): {change}, or add nodes with at least {' and '.join(f'{bundle[k]:g} {k}' for k in short)}"
+        )
+    if strategy == "STRICT_PACK":
+        holds = max(per_node)
+        how = "on one node (placement_strategy STRICT_PACK)"
+    elif strategy == "STRICT_SPREAD":
+        holds = sum(1 for k in per_node if k)
+        how = "one per node (placement_strategy STRICT_SPREAD)"
+    else:
+        holds = sum(per_node)
+        how = "on all nodes together"
+    if holds < count:
+        raise ResourceError(
+            f"{what} asks for {count} worker(s) of {_fmt_res(bundle)} each, but the cluster holds at most {holds} "
+            f"{how} (nodes: {shapes}); lower resources.num_workers to {holds}, ask for less per worker "
+            f"({', '.join(fields.get(k, k) for k in bundle)}), or add nodes"
+        )

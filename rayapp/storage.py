@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rayapp.errors import UserError
-from rayapp.models.io import cache_dir
+from rayapp.fileio import cache_dir
 
 if TYPE_CHECKING:
     import pyarrow.fs

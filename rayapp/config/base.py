@@ -131,7 +131,8 @@ class ResourcesConfig(StrictModel):
     use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); false trains on CPU over gloo.")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs Ray reserves per worker.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data-parallel replicas (ddp) or sharded parameters (fsdp) for models that do not fit one device.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica of the model per worker, gradients all-reduced. fsdp: FSDP2, each worker keeps 1/num_workers of every parameter, gradient and AdamW state and gathers one decoder layer at a time (for models whose weights and optimizer state do not fit one device).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="How Ray places the workers: PACK fills as few nodes as possible (8 workers of 1 GPU on one 8-GPU node: NVLink between them); SPREAD puts them on different nodes where it can; STRICT_ variants fail instead of falling back.")
     max_failures: int = Field(0, ge=0, description="Restarts of the worker group from the last checkpoint after a worker dies.")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of one device, for `rayapp plan` (default: 80 for GPUs, host memory for CPU).")
 

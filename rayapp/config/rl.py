@@ -115,6 +115,9 @@ class RLHFJobConfig(TrainingJobConfig):
             raise ValueError(f"algorithm: grpo needs sampling.n >= 2 samples per prompt (found {self.sampling.n}); raise sampling.n or use algorithm: ppo")
         if not self.rl.rewards and not self.rl.reward_model:
             raise ValueError("rl.rewards is empty and rl.reward_model is not set: give at least one reward")
+        if self.resources.strategy == "fsdp":
+            raise ValueError("resources.strategy: fsdp is not supported for kind: rlhf yet (the reference pass and the weight "
+                             "sync to the rollout engines read the policy's whole weights); use resources.strategy: ddp")
         if self.rl.weight_sync == "nccl" and not self.resources.use_gpu:
             raise ValueError("rl.weight_sync: nccl needs resources.use_gpu: true; use 'shm' (or 'auto') on CPU")
         return self

@@ -64,7 +64,7 @@ class ResolvedModel:
 
     ref: str  # as written in the config
     path: Path  # local directory holding config.json and *.safetensors
-    source: str
+    source: str  # 'directory', 'builtin', 'hub' or 'uri' (s3:// / gs://, downloaded into the local cache)
     repo_id: str | None = None  # hub models only
     revision: str | None = None  # hub models: the commit hash that was read
     requested_revision: str | None = None  # hub models: what the config asked for ('main' when nothing)
@@ -76,7 +76,7 @@ class ResolvedModel:
         the name of a built-in model (built the same way on every node); a directory's absolute path."""
         if self.source == "hub":
             return f"{self.repo_id}@{self.revision}"
-        return self.ref if self.source == "builtin" else str(self.path)
+        return self.ref if self.source in ("builtin", "uri") else str(self.path)
 
     def record(self) -> dict:
         """What config.resolved.yaml keeps about this model: the local path, and for a Hub model the

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rayapp.errors import UserError
-from rayapp.fileio import replace_dir_atomic
+from rayapp.fileio import cache_dir, replace_dir_atomic  # noqa: F401 (cache_dir: imported from here by others)
 from rayapp.models.hub import ResolvedModel, parse_hub_ref, resolve_hub_model
 from rayapp.models.packaged import PACKAGED, convert_packaged
 from rayapp.models.tiny import build_tiny_model, parse_tiny_ref
@@ -27,12 +27,6 @@ BUILTIN_NAMES = ("tiny", *PACKAGED)
 
 class ModelError(UserError, ValueError):
     """A model reference that cannot be used, with what to do about it."""
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("RAYAPP_CACHE", Path.home() / ".cache" / "rayapp"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @contextmanager
@@ -55,7 +49,18 @@ def resolve_model(ref: str, field: str = "model.path") -> Path:
 
 def resolve_model_info(ref: str, field: str = "model.path") -> ResolvedModel:
     """Like :func:`resolve_model`, with what to record: the local path, and for a Hub model its repo
-    id and the commit hash read (``.record()`` for config.resolved.yaml, ``.pinned_ref`` for workers)."""
+    id and the commit hash read (``.record()`` for config.resolved.yaml, ``.pinned_ref`` for workers).
+    An ``s3://`` / ``gs://`` URI (a job's published model/) is downloaded once into the local cache
+    (:func:`rayapp.storage.fetch_dir`)."""
+    from rayapp.storage import is_uri
+
+    if is_uri(ref):
+        from rayapp.storage import StorageError, fetch_dir
+
+        try:
+            return ResolvedModel(ref=ref, path=fetch_dir(ref), source="uri")
+        except StorageError as e:
+            raise ModelError(f"{field} '{ref}': {e}") from e
     if ref == "tiny" or ref.startswith("tiny:"):
         try:
             spec = parse_tiny_ref(ref)

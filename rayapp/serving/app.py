@@ -442,8 +442,13 @@ def add_middlewares(app, deploy: DeployConfig, model_dir: str | Path | None = No
 
 
 def build_app(model_dir: str | Path, name: str, deploy: DeployConfig, adapters: dict[str, str] | None = None,
-              api_key: str | None = None):
-    """The Serve application: one ``LLMServer`` deployment behind the OpenAI ingress (with auth if a key is given)."""
+              api_key: str | None = None, sources: dict | None = None):
+    """The Serve application: one ``LLMServer`` deployment behind the OpenAI ingress (with auth if a key is given).
+
+    ``model_dir`` and ``adapters`` are local directories here. ``sources``: ``{"model": OutputStore or
+    None, "adapters": {name: OutputStore}}`` for those that came from object storage
+    (:meth:`rayapp.serving.deploy.Source.stores`); each replica downloads them into its own node's
+    cache (``store.fetch_dir()``) before its engine starts, so a replica on another node finds them."""
     from ray import serve
     from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
@@ -452,7 +457,8 @@ def build_app(model_dir: str | Path, name: str, deploy: DeployConfig, adapters: 
 
     adapters = {k: str(Path(v).resolve()) for k, v in (adapters or {}).items()}
     llm_config = build_llm_config(model_dir, name, deploy, adapters)
-    server = build_llm_deployment(llm_config, deployment_cls=RayappLLMServer, bind_kwargs={"adapters": adapters})
+    server = build_llm_deployment(llm_config, deployment_cls=RayappLLMServer,
+                                  bind_kwargs={"adapters": adapters, "sources": sources or {}})
     app = ingress_fastapi_app()
     add_middlewares(app, deploy, model_dir, api_key)
     ingress_cls = RayappIngress

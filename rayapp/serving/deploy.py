@@ -36,28 +36,110 @@ class DeployInfo:
         return {f"deploy_{k}": v for k, v in asdict(self).items()}
 
 
+@dataclass
+class Source:
+    """What a deployment serves: local directories on this machine (checked, read for limits), and
+    for what came from an ``s3://`` / ``gs://`` URI, the URI, which each replica downloads into its
+    own node's cache (on this machine that is the same cached copy)."""
+
+    base: Path
+    adapters: dict[str, str]
+    base_uri: str | None = None
+    adapter_uris: dict[str, str] = field(default_factory=dict)
+
+    def stores(self) -> dict:
+        """``{"model": OutputStore or None, "adapters": {name: OutputStore}}`` for the URIs: a store
+        pickles with its endpoint inside, so a replica reaches the same server as this process."""
+        from rayapp.storage import open_output
+
+        return {"model": open_output(self.base_uri, check=False) if self.base_uri else None,
+                "adapters": {k: open_output(u, check=False) for k, u in self.adapter_uris.items()}}
+
+
 def resolve_source(model: str, adapters: dict[str, str] | None = None, name: str = "model") -> tuple[Path, dict[str, str]]:
-    """(base model dir, adapters) from a model reference or a job's output_dir."""
+    """(base model dir, adapters) from a model reference or a job's output_dir, as local
+    directories (a URI is downloaded into the local cache first: :func:`find_source`)."""
+    src = find_source(model, adapters, name)
+    return src.base, src.adapters
+
+
+def find_source(model: str, adapters: dict[str, str] | None = None, name: str = "model") -> Source:
+    """The :class:`Source` for a model reference (a directory, a built-in name, a Hub id, a URI of
+    a model directory) or a job's output_dir (local or a URI: its published model/, else adapter/
+    on the base model its config.resolved.yaml names), plus LoRA ``adapters`` (name -> directory
+    or URI)."""
     from rayapp.models.io import resolve_model
+    from rayapp.storage import is_uri
 
     adapters = dict(adapters or {})
-    path = Path(model).expanduser()
-    if (path / "model" / "config.json").exists():        # a job's output_dir with a (merged) model
-        base = path / "model"
-    elif (path / "adapter" / "adapter_config.json").exists():  # adapter-only output: serve it on its base
-        base = _base_of_job(path)
-        adapters.setdefault(name, str(path / "adapter"))
+    adapter_uris = {k: v for k, v in adapters.items() if is_uri(v)}
+    base_uri = None
+    if is_uri(model):
+        base, base_uri, job_adapter = _uri_source(model)
+        if job_adapter:
+            adapter_uris.setdefault(name, job_adapter)
+            adapters.setdefault(name, job_adapter)
     else:
-        base = resolve_model(model)
+        path = Path(model).expanduser()
+        if (path / "model" / "config.json").exists():        # a job's output_dir with a (merged) model
+            base = path / "model"
+        elif (path / "adapter" / "adapter_config.json").exists():  # adapter-only output: serve it on its base
+            base = _base_of_job(path)
+            adapters.setdefault(name, str(path / "adapter"))
+        else:
+            base = resolve_model(model)
     for adapter_name, adapter_dir in adapters.items():
+        if adapter_name in adapter_uris:
+            adapter_dir = adapters[adapter_name] = str(_fetch(adapter_uris[adapter_name], f"adapter '{adapter_name}'"))
         if not (Path(adapter_dir) / "adapter_config.json").exists():
             raise DeployError(
-                f"adapter '{adapter_name}': {adapter_dir} has no adapter_config.json; give a PEFT LoRA directory "
-                "(a job's output_dir/adapter)"
+                f"adapter '{adapter_name}': {adapter_uris.get(adapter_name, adapter_dir)} has no adapter_config.json; "
+                "give a PEFT LoRA directory (a job's output_dir/adapter)"
             )
         if ":" in adapter_name or "/" in adapter_name:
             raise DeployError(f"adapter name '{adapter_name}': use letters, digits, '-' or '_' (no ':' or '/')")
-    return Path(base), adapters
+    return Source(Path(base), adapters, base_uri, adapter_uris)
+
+
+def _fetch(uri: str, what: str) -> Path:
+    from rayapp.storage import StorageError, fetch_dir
+
+    try:
+        return fetch_dir(uri)
+    except StorageError as e:
+        raise DeployError(f"{what}: {e}") from e
+
+
+def _uri_source(uri: str) -> tuple[Path, str | None, str | None]:
+    """(local base dir, its URI or None, adapter URI or None) for a URI: a job's output_dir with a
+    published model/ or adapter/, else a model directory itself."""
+    import yaml
+
+    from rayapp.models.io import resolve_model
+    from rayapp.storage import StorageError, open_output
+
+    try:
+        store = open_output(uri)
+        if store.is_complete("model"):
+            model_uri = store.uri_of("model")
+            return _fetch(model_uri, "model"), model_uri, None
+        if store.is_complete("adapter"):
+            resolved = yaml.safe_load(store.read_text("config.resolved.yaml")) if store.exists("config.resolved.yaml") else {}
+            base_ref = ((resolved or {}).get("model") or {}).get("path")
+            if not base_ref:
+                raise DeployError(f"{uri}/adapter has no base model: {uri}/config.resolved.yaml is missing or names no "
+                                  f"model.path; deploy the base with `--adapter NAME={uri}/adapter`")
+            return resolve_model(str(base_ref)), None, store.uri_of("adapter")
+        if store.exists("config.json"):  # a model directory uploaded as is
+            return _fetch(uri, "model"), uri, None
+    except StorageError as e:
+        raise DeployError(f"model {uri}: {e}") from e
+    for part in ("model", "adapter"):
+        if store.exists(part):
+            raise DeployError(f"{uri}/{part} is not complete (an upload is under way or was interrupted); wait for "
+                              "the job to finish, or run it again to publish it")
+    raise DeployError(f"{uri}: no model/ or adapter/ of a job and no config.json there; give a job's output_dir "
+                      "or a model directory")
 
 
 def _base_of_job(output_dir: Path) -> Path:
@@ -116,14 +198,15 @@ def deploy_model(model_dir: str | Path, adapters: dict[str, str] | None, deploy:
 
     from rayapp.serving.app import build_app, read_api_key
 
-    base, adapters = resolve_source(str(model_dir), adapters, name)
+    src = find_source(str(model_dir), adapters, name)
+    base, adapters = src.base, src.adapters
     api_key = read_api_key(deploy)
     ray = connect()
     _check_capacity(ray, deploy)
     port = start_serve(deploy)
     started = time.time()
-    log.info("deploying %s from %s (adapters: %s) ...", name, base, ", ".join(adapters) or "none")
-    app = build_app(base, name, deploy, adapters, api_key=api_key)
+    log.info("deploying %s from %s (adapters: %s) ...", name, src.base_uri or base, ", ".join(adapters) or "none")
+    app = build_app(base, name, deploy, adapters, api_key=api_key, sources=src.stores())
     try:
         serve.run(app, name=name, route_prefix=deploy.route_prefix, blocking=False)
     except RuntimeError as e:  # the replica's own error is in the message; the full log is on the cluster
@@ -172,9 +255,14 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
     from rayapp.models.io import resolve_model
     from rayapp.serving.app import key_digest, read_api_key
     from rayapp.serving.reward_server import build_reward_deployment
+    from rayapp.storage import is_uri
 
-    path = Path(model_dir)
-    base = path / "model" if (path / "model" / "config.json").exists() else resolve_model(str(model_dir))
+    if is_uri(model_dir):  # each replica downloads it into its node's cache (RewardScorer)
+        src = find_source(str(model_dir))
+        base = src.stores()["model"] or src.base
+    else:
+        path = Path(model_dir)
+        base = path / "model" if (path / "model" / "config.json").exists() else resolve_model(str(model_dir))
     api_key = read_api_key(deploy)
     connect()
     port = start_serve(deploy)
@@ -187,7 +275,7 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
                             "target_ongoing_requests": deploy.target_ongoing_requests},
     )
     try:
-        serve.run(deployment.bind(str(base), name, deploy.max_model_len or 512), name=name,
+        serve.run(deployment.bind(base if hasattr(base, "fetch_dir") else str(base), name, deploy.max_model_len or 512), name=name,
                   route_prefix=deploy.route_prefix, blocking=False)
     except RuntimeError as e:
         raise DeployError(f"deploying reward model '{name}' from {base} failed: {str(e)[-1500:]}\n"

@@ -44,8 +44,12 @@ async def _bad_request(request: Request, exc: RequestValidationError):
 class RewardScorer:
     """Loads the reward model once per replica and scores batches (the HTTP routes are added per app)."""
 
-    def __init__(self, model_dir: str, name: str, max_length: int = 512):
+    def __init__(self, model_dir, name: str, max_length: int = 512):
+        """``model_dir``: a local directory, or an OutputStore of a URI (downloaded into this node's cache)."""
         import torch
+
+        if hasattr(model_dir, "fetch_dir"):
+            model_dir = str(model_dir.fetch_dir())
 
         from rayapp.models.io import load_tokenizer
         from rayapp.models.value_head import load_reward_model

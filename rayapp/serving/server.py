@@ -24,10 +24,17 @@ __all__ = ["RayappIngress", "RayappLLMServer", "ingress_fastapi_app", "to_model_
 
 
 class RayappLLMServer(LLMServer):
-    """``LLMServer`` whose LoRA adapters come from local directories named at deploy time."""
+    """``LLMServer`` whose LoRA adapters come from local directories named at deploy time; what came
+    from an s3:// / gs:// URI (``sources``) is downloaded into this replica's node cache first."""
 
-    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, **kwargs):
+    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, sources: dict | None = None,
+                       **kwargs):
         self._adapter_dirs = dict(adapters or {})
+        sources = sources or {}
+        if sources.get("model") is not None:  # an OutputStore: downloaded once into this node's cache
+            llm_config.model_loading_config.model_source = str(sources["model"].fetch_dir())
+        for name, store in (sources.get("adapters") or {}).items():
+            self._adapter_dirs[name] = str(store.fetch_dir())
         await super().__init__(llm_config, **kwargs)
 
     def _init_multiplex_loader(self, model_downloader_cls=None):

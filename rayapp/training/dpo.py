@@ -18,9 +18,8 @@ import contextlib
 import time
 
 from rayapp.data.preference import collate_pairs, count_pairs, format_pair_stats, load_pair_splits
-from rayapp.fileio import write_json_atomic
 from rayapp.training.launch import build_model, launch, worker_context
-from rayapp.training.loop import LossParts, rank_world
+from rayapp.training.loop import LossParts, even_batches, rank_world
 from rayapp.training.outputs import (
     export_model,
     final_evaluation,
@@ -102,13 +101,15 @@ def precompute_reference(items: list[dict], reference, collate, micro_batch_size
     import torch.distributed as dist
 
     rank, world = rank_world()
-    mine = list(range(rank, len(items), world))
     values: dict[int, tuple[float, float]] = {}
     with torch.no_grad():
-        for k in range(0, len(mine), micro_batch_size):
-            idx = mine[k : k + micro_batch_size]
-            batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in collate([items[i] for i in idx]).items()}
+        # The same number of forwards on every rank (a stand-in batch where a rank has run out): under
+        # FSDP2 each forward is a collective.
+        for idx in even_batches(len(items), rank, world, micro_batch_size):
+            batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in collate([items[i] for i in idx or [0]]).items()}
             c, r = reference(batch)
+            if idx is None:
+                continue
             values.update({i: (float(a), float(b)) for i, a, b in zip(idx, c.tolist(), r.tolist(), strict=True)})
     if world > 1:
         gathered: list = [None] * world
@@ -145,21 +146,22 @@ def dpo_worker(config: dict) -> None:
 
     write_initial_evaluation(w, model, val_items, collate, count_pairs, loss_fn)
     w.fit(model, train_items=train_items, val_items=val_items, collate=collate, count_fn=count_pairs, loss_fn=loss_fn, unit="pairs")
-    export_model(model, tokenizer, cfg, w.rank)
+    export_model(model, tokenizer, cfg, w)
 
 
 def run(cfg) -> dict:
-    from rayapp.models.io import load_tokenizer, resolve_model
+    from rayapp.models.io import load_tokenizer, resolve_model, resolve_model_info
 
     t0 = time.perf_counter()
-    out = prepare_output(cfg)
-    model_dir = resolve_model(cfg.model.path)
+    store = prepare_output(cfg)
+    model = resolve_model_info(cfg.model.path)
+    model_dir = model.path
     if cfg.reference_model:
         resolve_model(cfg.reference_model)  # fail on the driver when it does not exist
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     train, val, stats = load_pair_splits(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed)
-    write_json_atomic(out / "data_stats.json", stats)
+    store.write_json("data_stats.json", stats)
     print(f"[{cfg.name}] {len(train)} training pairs, {len(val or [])} validation pairs, beta {cfg.beta}, reference: {cfg.reference}", flush=True)
-    final = launch(dpo_worker, cfg, model_dir=str(model_dir), train=train, val=val)
-    return finish(cfg, final_evaluation(final, ("loss", "reward_accuracy", "logp_margin", "step")), started=t0,
+    final = launch(dpo_worker, cfg, store=store, model_dir=model.pinned_ref, train=train, val=val)
+    return finish(cfg, final_evaluation(final, ("loss", "reward_accuracy", "logp_margin", "step")), store=store, started=t0,
                   title=f"{cfg.name} (dpo)", data_stats=stats, curves={"loss": "DPO loss", "val_loss": "validation DPO loss"})

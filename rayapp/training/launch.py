@@ -1,22 +1,33 @@
-"""All of Ray Train, for every training recipe: scaling, storage, failures, checkpoints, the payload.
+"""All of Ray Train, for every training recipe: scaling, placement, storage, failures, checkpoints, the payload.
 
 ``launch(worker_fn, cfg, **payload)`` runs ``worker_fn(config)`` on ``resources.num_workers`` Ray
-Train workers (gloo on CPU, NCCL on GPUs) with checkpoints under ``output_dir/checkpoints`` (kept
-by Ray Train; a re-run of the same job finds them and resumes, and ``resources.max_failures``
-restarts a lost worker group from the latest one). Each payload value goes into the object store
-once (``ray.put``). Inside the worker, ``worker_context(config)`` gives back the job config, the
-payload, this worker's rank / world / device, the Reporter the step loop talks to, and
-``prepare(model)`` (DDP or FSDP). With ``in_process=True`` the same worker function runs in this
-process instead, with a :class:`LocalReporter` keeping checkpoints in the same place (benches,
-notebooks, tests): no Ray at all.
+Train workers. The process group is gloo on CPU and ``cpu:gloo,cuda:nccl`` on GPUs
+(:func:`rayapp.training.parallel.process_group_backend`: the loop all-reduces CPU tensors too).
+Workers are placed with ``resources.placement_strategy`` (PACK: as few nodes as possible; SPREAD:
+one per node where it can). Checkpoints go under ``output_dir/checkpoints`` through the job's
+:class:`~rayapp.storage.OutputStore` (a local path, a shared mount, or s3:// / gs://), kept by Ray
+Train; a re-run of the same job finds them and resumes, and ``resources.max_failures`` restarts a
+lost worker group (a dead process or a lost node) from the latest one. Each payload value goes
+into the object store once (``ray.put``).
+
+Inside the worker, ``worker_context(config)`` gives back the job config, the payload, the output
+store, this worker's rank / world / device, the Reporter the step loop talks to, and
+``prepare(model)``: DDP or FSDP2 with the resolved precision and activation checkpointing
+(:func:`rayapp.training.parallel.prepare_model`). Rank 0 records where every rank runs in
+``output_dir/workers.json`` (one entry per start of the worker group). With ``in_process=True``
+the same worker function runs in this process instead, with a :class:`LocalReporter` keeping
+checkpoints under the output store's local directory (benches, notebooks, tests): no Ray at all.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import socket
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rayapp.errors import UserError
@@ -30,7 +41,14 @@ class TrainingFailed(UserError):
 
 
 class RayReporter:
-    """The loop's Reporter inside a Ray Train worker."""
+    """The loop's Reporter inside a Ray Train worker. Every rank reports the checkpoint directory
+    it wrote (its shard); Ray Train copies them all into one checkpoint under output_dir."""
+
+    keeps_checkpoints = True
+
+    def __init__(self):
+        self._latest: str | None = None
+        self._downloaded = False
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -43,15 +61,28 @@ class RayReporter:
             )
         else:
             ray.train.report(metrics)
+        if self._downloaded and self._latest:
+            # Loaded by now on every rank: report is a barrier. Ranks on one node share the copy.
+            shutil.rmtree(self._latest, ignore_errors=True)
+            self._downloaded = False
 
     def latest_checkpoint(self) -> str | None:
+        """The latest registered checkpoint as a local directory: in place when the output store is a
+        local filesystem (a path or a shared mount), else downloaded once per node (removed after
+        the next report)."""
+        import pyarrow.fs
         import ray.train
 
+        if self._latest is not None:
+            return self._latest
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        # Local storage: the checkpoint directory is readable in place.
-        return ckpt.to_directory() if not os.path.isdir(ckpt.path) else ckpt.path
+        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+            self._latest = ckpt.path
+        else:
+            self._latest, self._downloaded = ckpt.to_directory(), True
+        return self._latest
 
 
 @dataclass
@@ -60,27 +91,39 @@ class WorkerContext:
 
     cfg: Any
     payload: dict[str, Any]
+    store: Any  # rayapp.storage.OutputStore: output_dir; rank 0 writes in store.local
     rank: int
     world: int
     device: Any  # torch.device
     reporter: Reporter
     in_process: bool = False
 
-    def prepare(self, model):
-        """Move ``model`` to this worker's device and wrap it for data parallelism (DDP) or sharding
-        (FSDP) as ``resources.strategy`` says; in a single process only the move."""
-        if self.in_process:
-            return model.to(self.device)
-        import ray.train.torch
+    @property
+    def strategy(self) -> str:
+        """'ddp' or 'fsdp' from resources.strategy; 'none' in a single process."""
+        return "none" if self.world == 1 and self.in_process else self.cfg.resources.strategy
 
-        return ray.train.torch.prepare_model(model, parallel_strategy=self.cfg.resources.strategy)
+    def prepare(self, model):
+        """Place ``model`` on this worker's device and wrap it as ``resources.strategy`` says (DDP,
+        or FSDP2 sharding on every decoder layer), with ``train.precision`` (resolved for the
+        device) and ``train.activation_checkpointing``. Every rank calls it before the optimizer
+        is built."""
+        from rayapp.training.parallel import prepare_model
+
+        t = self.cfg.train
+        return prepare_model(model, self.strategy, self.device, t.resolved_precision(self.device.type == "cuda"),
+                             activation_checkpointing=t.activation_checkpointing)
 
     def fit(self, model, **loop_args) -> LoopResult:
         """The shared step loop (:func:`rayapp.training.loop.fit`) with this job's settings: the train
-        section, the reporter, output_dir/metrics.jsonl, the job name and the device."""
+        section, the reporter, metrics.jsonl in the output store (rank 0 brings a killed run's rows
+        back first, and uploads them before every checkpoint), the job name and the device."""
         t = self.cfg.train
+        if self.rank == 0:
+            self.store.pull("metrics.jsonl")
         return fit(model=model, cfg=t, micro_batch_size=t.micro_batch_size, reporter=self.reporter,
-                   metrics_path=Path(self.cfg.output_dir) / "metrics.jsonl", name=self.cfg.name, device=self.device, **loop_args)
+                   metrics_path=self.store.path("metrics.jsonl"), name=self.cfg.name, device=self.device,
+                   publish_metrics=lambda: self.store.push("metrics.jsonl"), **loop_args)
 
 
 def worker_context(config: dict) -> WorkerContext:
@@ -90,9 +133,12 @@ def worker_context(config: dict) -> WorkerContext:
     from rayapp.config.loader import load_job_dict
 
     cfg = load_job_dict(config["job"])
+    store = config["store"]
     if "reporter" in config:  # in process: launch(..., in_process=True) made the reporter
         device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
-        return WorkerContext(cfg, dict(config["payload"]), 0, 1, device, config["reporter"], in_process=True)
+        w = WorkerContext(cfg, dict(config["payload"]), store, 0, 1, device, config["reporter"], in_process=True)
+        record_workers(w, None)
+        return w
     import ray
     import ray.train
     import ray.train.torch
@@ -105,7 +151,31 @@ def worker_context(config: dict) -> WorkerContext:
     local = max(1, ctx.get_local_world_size())
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker), (os.cpu_count() or 1) // local))
     payload = {k: ray.get(ref) for k, ref in config["payload"].items()}
-    return WorkerContext(cfg, payload, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), RayReporter())
+    w = WorkerContext(cfg, payload, store, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                      RayReporter())
+    record_workers(w, ray.get_runtime_context().get_node_id())
+    return w
+
+
+def record_workers(w: WorkerContext, node_id: str | None) -> list[dict]:
+    """Where every rank runs (rank, Ray node id, host name, device, pid), gathered on rank 0 and
+    appended to output_dir/workers.json as one entry per start of the worker group (a restart
+    after a lost node adds one). Every rank calls it. Returns the gathered list."""
+    import torch.distributed as dist
+
+    me = {"rank": w.rank, "node_id": node_id, "hostname": socket.gethostname(), "device": str(w.device),
+          "pid": os.getpid()}
+    everyone: list = [me]
+    if w.world > 1 and dist.is_available() and dist.is_initialized():
+        everyone = [None] * w.world
+        dist.all_gather_object(everyone, me)
+    if w.rank == 0:
+        w.store.pull("workers.json")
+        path = w.store.path("workers.json")
+        starts = json.loads(path.read_text())["starts"] if path.exists() else []
+        starts.append({"time": time.time(), "world_size": w.world, "strategy": w.strategy, "workers": everyone})
+        w.store.write_json("workers.json", {"starts": starts})
+    return everyone
 
 
 def build_model(model_dir: str, cfg):
@@ -119,20 +189,26 @@ def build_model(model_dir: str, cfg):
     return model
 
 
-def launch(worker_fn, cfg, *, in_process: bool = False, **payload) -> dict:
+def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -> dict:
     """Run ``worker_fn`` for the training job ``cfg`` and return the metrics it reported last.
 
-    ``payload``: the values the workers need (data, model directories, actor handles), each put
+    ``payload``: the values the workers need (data, model references, actor handles), each put
     into Ray's object store once; the worker reads them from ``worker_context(config).payload``.
+    ``store``: the job's output store (``prepare_output(cfg)``; opened here when not given). It
+    travels to the workers pickled, with the S3 endpoint inside, and gives Ray Train its
+    storage path and filesystem.
     ``in_process``: run the worker function here, with no Ray (see the module docstring).
     Raises :class:`TrainingFailed` naming the job and where its checkpoints are."""
+    from rayapp.storage import open_output
+
     job = cfg.model_dump(mode="json", by_alias=True)
+    store = store if store is not None else open_output(cfg.output_dir)
     if in_process:
-        reporter = LocalReporter(Path(cfg.output_dir) / CHECKPOINT_RUN_NAME)
+        reporter = LocalReporter(store.path(CHECKPOINT_RUN_NAME))
         try:
-            worker_fn({"job": job, "payload": payload, "reporter": reporter})
+            worker_fn({"job": job, "payload": payload, "store": store, "reporter": reporter})
         except Exception as e:
-            raise _failed(cfg, e, reporter.root) from e
+            raise _failed(cfg, e, str(reporter.root)) from e
         return dict(reporter.history[-1]) if reporter.history else {}
     from rayapp.runtime import check_resources, ensure_ray
 
@@ -141,24 +217,30 @@ def launch(worker_fn, cfg, *, in_process: bool = False, **payload) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from rayapp.training.parallel import process_group_backend
+
     r = cfg.resources
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
     check_resources(
         cpus=r.num_workers * r.cpus_per_worker,
         gpus=r.num_workers * r.gpus_per_worker if r.use_gpu else 0,
         what=f"job '{cfg.name}' (resources.num_workers={r.num_workers})",
+        bundles=[per_worker] * r.num_workers,
+        fields={"CPU": "resources.cpus_per_worker", "GPU": "resources.gpus_per_worker"},
+        strategy=r.placement_strategy,
     )
-    per_worker = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        per_worker["GPU"] = r.gpus_per_worker
-    storage = str(Path(cfg.output_dir).resolve()) if "://" not in cfg.output_dir else cfg.output_dir
+    checkpoints = store.uri_of(CHECKPOINT_RUN_NAME)
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"job": job, "payload": {k: ray.put(v) for k, v in payload.items()}},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        train_loop_config={"job": job, "store": store, "payload": {k: ray.put(v) for k, v in payload.items()}},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker,
+                                     placement_strategy=r.placement_strategy),
+        torch_config=TorchConfig(backend=process_group_backend("cuda" if r.use_gpu else "cpu")),
         run_config=RunConfig(
             name=CHECKPOINT_RUN_NAME,
-            storage_path=storage,
+            **store.run_config_kwargs(),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=r.max_failures),
             # Ray Train logs every report at INFO; our own progress line says what matters.
@@ -168,13 +250,13 @@ def launch(worker_fn, cfg, *, in_process: bool = False, **payload) -> dict:
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # Ray Train v2 raises the workers' error instead of returning it
-        raise _failed(cfg, e, Path(storage) / CHECKPOINT_RUN_NAME) from e
+        raise _failed(cfg, e, checkpoints) from e
     if result.error is not None:
-        raise _failed(cfg, result.error, Path(storage) / CHECKPOINT_RUN_NAME) from result.error
+        raise _failed(cfg, result.error, checkpoints) from result.error
     return dict(result.metrics or {})
 
 
-def _failed(cfg, error: BaseException, checkpoints: Path) -> TrainingFailed:
+def _failed(cfg, error: BaseException, checkpoints: str) -> TrainingFailed:
     return TrainingFailed(
         f"job '{cfg.name}' failed in the training workers: {type(error).__name__}: {error}\n"
         f"  checkpoints so far are in {checkpoints}; re-running the job resumes from the latest"

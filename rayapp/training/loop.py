@@ -27,14 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from rayapp.algorithms.sft import response_mask
-from rayapp.config.base import TrainConfig
 from rayapp.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
+from rayapp.training.parallel import clip_grad_norm
+
+if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py runs it with torch + transformers only
+    from rayapp.config.base import TrainConfig
 
 PROGRESS_EVERY_S = 2.0  # seconds between progress lines
 
@@ -47,23 +50,32 @@ class LossParts:
 
 
 class Reporter(Protocol):
+    """Where the loop's checkpoints go. ``report`` is called by every rank at every checkpoint with
+    the directory that rank wrote (its shard); ``keeps_checkpoints`` False skips writing them."""
+
+    keeps_checkpoints: bool
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
     def latest_checkpoint(self) -> str | None: ...
 
 
 class LocalReporter:
-    """Reporter for single-process runs: keeps metrics, copies checkpoints into ``root``."""
+    """Reporter without Ray: keeps metrics, copies checkpoints into ``root`` (none are written
+    without a root). Also for the ranks of a torch process group of its own (tests, benches)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root else None
         self.history: list[dict] = []
 
+    @property
+    def keeps_checkpoints(self) -> bool:
+        return self.root is not None
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.history.append(metrics)
         if checkpoint_dir and self.root:
-            dest = self.root / f"step_{metrics['step']:06d}"
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, dest)
+            # Every rank of a process group reports its own shard files: merged, as Ray Train does.
+            shutil.copytree(checkpoint_dir, self.root / f"step_{metrics['step']:06d}", dirs_exist_ok=True)
 
     def latest_checkpoint(self) -> str | None:
         if not self.root or not self.root.exists():
@@ -98,6 +110,19 @@ def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
     names = sorted(sums)
     total = all_reduce(torch.tensor([float(sums[k]) for k in names], dtype=torch.float64))
     return dict(zip(names, total.tolist(), strict=True))
+
+
+def even_batches(n: int, rank: int, world: int, micro_batch_size: int) -> list[list[int] | None]:
+    """This rank's share of ``n`` items (every ``world``-th index from ``rank``) in micro-batches,
+    padded with ``None`` so every rank has the same number of batches.
+
+    Under FSDP2 every forward is a collective (each unit all-gathers its parameters), so ranks must
+    run the same number of forwards or the one with more waits forever for the others. A ``None``
+    batch means: run a forward on a stand-in batch and drop its result."""
+    mine = list(range(rank, n, world))
+    batches: list[list[int] | None] = [mine[k : k + micro_batch_size] for k in range(0, len(mine), micro_batch_size)]
+    most = math.ceil(math.ceil(n / world) / micro_batch_size) if n else 0
+    return batches + [None] * (most - len(batches))
 
 
 def count_supervised(batch) -> int:
@@ -222,15 +247,20 @@ def fit(
     extra_modules: dict[str, torch.nn.Module] | None = None,
     after_step: Callable[[], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    publish_metrics: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Train ``model`` for the configured steps. Every rank calls this with the same arguments.
 
-    The optimizer comes from :func:`build_optimizer` (``optimizer`` replaces its AdamW), resumed
-    from the reporter's latest checkpoint when there is one. ``after_step()`` runs after every
-    optimizer step (an EMA teacher update). ``extra_modules`` are modules whose state is not in
-    ``model`` or the optimizer but changes as training goes (an EMA teacher): saved in every
+    ``model`` is prepared already (:func:`rayapp.training.parallel.prepare_model`: none, DDP or
+    FSDP2). The optimizer comes from :func:`build_optimizer` (``optimizer`` replaces its AdamW),
+    resumed from the reporter's latest checkpoint when there is one. ``after_step()`` runs after
+    every optimizer step (an EMA teacher update). ``extra_modules`` are modules whose state is not
+    in ``model`` or the optimizer but changes as training goes (an EMA teacher): saved in every
     checkpoint from rank 0 and restored on resume on every rank, so a resumed run continues from
-    the same state instead of re-initialising it.
+    the same state instead of re-initialising it. ``publish_metrics()`` runs on rank 0 after the
+    rows of a checkpointed step are in ``metrics_path`` and before the checkpoint is reported, and
+    once at the end (the output store uploads metrics.jsonl), so the metrics at output_dir always
+    reach the latest checkpoint.
     """
     rank, world = rank_world()
     n = len(train_items)
@@ -239,7 +269,7 @@ def fit(
         raise ValueError(f"global batch {G} is not a multiple of micro-batch {micro_batch_size} x {world} workers")
     per_rank = G // world
     total = total_steps_for(cfg, n)
-    params = [p for p in model.parameters() if p.requires_grad]
+    has_params = any(p.requires_grad for p in model.parameters())
     ckpt = reporter.latest_checkpoint()
     opt = build_optimizer(model, cfg, total, checkpoint=ckpt, extra_modules=extra_modules, optimizer=optimizer)
     if after_step is not None:
@@ -272,8 +302,8 @@ def fit(
             for key, v in parts.sums.items():
                 sums[key] = sums.get(key, 0.0) + float(v.detach().double())
         grad_norm = None
-        if cfg.max_grad_norm is not None and params:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        if cfg.max_grad_norm is not None and has_params:
+            grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # the global norm (a collective under FSDP2)
         lr = opt.lr
         opt.step()
 
@@ -289,7 +319,8 @@ def fit(
             metrics.update(evaluate(model, val_items, collate, count_fn, loss_fn, micro_batch_size, device))
         at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 or done
         ckpt_dir = save_checkpoint(model, optimizer=opt.optimizer, step=step + 1, optimizer_steps=opt.optimizer_steps,
-                                   extra_modules=extra_modules, rank=rank) if at_checkpoint else None
+                                   extra_modules=extra_modules, rank=rank, world=world) \
+            if at_checkpoint and reporter.keeps_checkpoints else None
         if rank == 0:
             if metrics_path and ((step + 1) % cfg.log_every == 0 or done or "val_loss" in metrics):
                 with open(metrics_path, "a") as f:
@@ -300,6 +331,8 @@ def fit(
             if step == start_step or done or "val_loss" in metrics or now - last_print >= PROGRESS_EVERY_S:
                 _progress(name, unit, step + 1, total, metrics, now - t_start, step + 1 - start_step)
                 last_print = now
+            if at_checkpoint and publish_metrics is not None:
+                publish_metrics()
         if at_checkpoint:
             # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
             # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
@@ -307,23 +340,27 @@ def fit(
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         last_metrics = metrics
+    if rank == 0 and publish_metrics is not None:
+        publish_metrics()
     return LoopResult(step=total, metrics=last_metrics, resumed_from=opt.resumed_step)
 
 
 @torch.no_grad()
 def evaluate(model, items, collate, count_fn, loss_fn, micro_batch_size, device="cpu") -> dict:
-    """Validation loss (and metric sums) over ``items``, sharded over ranks, as global per-unit means."""
+    """Validation loss (and metric sums) over ``items``, sharded over ranks, as global per-unit means.
+    Every rank runs the same number of forwards (:func:`even_batches`), as FSDP2 requires."""
     rank, world = rank_world()
     model.eval()
-    mine = items[rank::world]
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = 0
     sums: dict[str, torch.Tensor] = {}
-    for k in range(0, len(mine), micro_batch_size):
-        batch = collate(mine[k : k + micro_batch_size])
-        count += count_fn(batch)
+    for idx in even_batches(len(items), rank, world, micro_batch_size):
+        batch = collate([items[i] for i in idx] if idx is not None else items[:1])
         batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
         parts = loss_fn(model, batch)
+        if idx is None:
+            continue  # a stand-in forward: this rank ran out of items, the others have not
+        count += count_fn(batch)
         loss_sum += parts.loss_sum.double().cpu()
         for key, v in parts.sums.items():
             sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + v.double().cpu()

@@ -334,8 +334,14 @@ def _iter_full(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str | None
         _check_mergeable(name, m)
     first_name: dict[int, str] = {}
     for key, value in hf.state_dict(keep_vars=True).items():
-        if ".modules_to_save." in key or ".original_module." in key:
-            raise NotImplementedError(f"{key}: peft modules_to_save are not supported in the full-weights export")
+        if ".original_module." in key:
+            continue  # peft's frozen copy of a module it trains whole (modules_to_save): replaced below
+        if ".modules_to_save." in key:  # <module>.modules_to_save.<adapter>.<tensor>, e.g. a reward model's score head
+            prefix, _, rest = key.partition(".modules_to_save.")
+            adapter, _, tail = rest.partition(".")
+            if adapter in getattr(hf.get_submodule(prefix), "active_adapters", [adapter]):
+                yield f"{prefix}.{tail}", _full(value), None
+            continue
         prefix, sep, _ = key.partition(".lora_")
         if sep and prefix in lora:
             continue  # adapter tensors (<layer>.lora_A.<adapter>.weight): merged into the base weight below
@@ -383,6 +389,24 @@ def iter_full_params(model: nn.Module, bucket_bytes: int = 256 * 1024**2) -> Ite
         size += nbytes
     if bucket:
         yield bucket
+
+
+def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The LoRA tensors of a peft model (inside a DDP wrapper or sharded by FSDP2 in place), whole,
+    on CPU on rank 0 (``None`` on other ranks), under the names ``PeftModel.state_dict()`` gives
+    them: what ``peft_model.save_pretrained(dir, state_dict=...)`` takes to write adapter/. Every
+    rank must call it (the gathers are collectives)."""
+    m = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not hasattr(m, "peft_config"):
+        raise ValueError(f"{type(m).__name__} is not a peft model: there is no adapter to export")
+    out: dict[str, torch.Tensor] | None = {} if _rank() == 0 else None
+    for key, value in m.state_dict(keep_vars=True).items():
+        if "lora_" not in key:
+            continue
+        t = _full(value)
+        if out is not None:
+            out[key] = t.to("cpu", copy=True)
+    return out
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

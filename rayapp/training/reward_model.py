@@ -11,13 +11,17 @@ deployment (``/v1/score``) load.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rayapp.data.preference import collate_pairs, count_pairs, format_pair_stats, load_pair_splits
-from rayapp.fileio import write_json_atomic
 from rayapp.training.launch import launch, worker_context
 from rayapp.training.loop import LossParts
-from rayapp.training.outputs import final_evaluation, finish, prepare_output, write_initial_evaluation
+from rayapp.training.outputs import (
+    export_model,
+    final_evaluation,
+    finish,
+    prepare_output,
+    write_initial_evaluation,
+)
 
 
 def validate(cfg) -> str:
@@ -44,8 +48,8 @@ def reward_model_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import torch
 
-    from rayapp.models.io import load_tokenizer, unwrap
-    from rayapp.models.value_head import load_reward_model, save_reward_model
+    from rayapp.models.io import load_tokenizer
+    from rayapp.models.value_head import load_reward_model
 
     w = worker_context(config)
     cfg, data = w.cfg, w.payload
@@ -57,22 +61,22 @@ def reward_model_worker(config: dict) -> None:
     write_initial_evaluation(w, model, data["val"], collate, count_pairs, bt_loss)
     w.fit(model, train_items=data["train"], val_items=data["val"], collate=collate, count_fn=count_pairs, loss_fn=bt_loss,
           unit="pairs")
-    if w.rank == 0:
-        save_reward_model(unwrap(model).to("cpu"), tokenizer, Path(cfg.output_dir) / "model")
+    export_model(model, tokenizer, cfg, w, adapter=False)  # a plain *ForSequenceClassification, LoRA merged
 
 
 def run(cfg) -> dict:
-    from rayapp.models.io import load_tokenizer, resolve_model
+    from rayapp.models.io import load_tokenizer, resolve_model_info
 
     t0 = time.perf_counter()
-    out = prepare_output(cfg)
-    model_dir = resolve_model(cfg.model.path)
+    store = prepare_output(cfg)
+    model = resolve_model_info(cfg.model.path)
+    model_dir = model.path
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     train, val, stats = load_pair_splits(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed)
-    write_json_atomic(out / "data_stats.json", stats)
+    store.write_json("data_stats.json", stats)
     print(f"[{cfg.name}] {len(train)} training pairs, {len(val or [])} validation pairs; {cfg.resources.num_workers} worker(s)", flush=True)
-    final = launch(reward_model_worker, cfg, model_dir=str(model_dir), train=train, val=val)
+    final = launch(reward_model_worker, cfg, store=store, model_dir=model.pinned_ref, train=train, val=val)
     curves = {"loss": "Bradley-Terry loss", "val_loss": "validation loss", "accuracy": "pairwise accuracy",
               "val_accuracy": "held-out pairwise accuracy"}
-    return finish(cfg, final_evaluation(final, ("loss", "accuracy", "step")), started=t0, title=f"{cfg.name} (reward_model)",
+    return finish(cfg, final_evaluation(final, ("loss", "accuracy", "step")), store=store, started=t0, title=f"{cfg.name} (reward_model)",
                   data_stats=stats, curves=curves)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayapp.fileio import write_json_atomic
 from rayapp.training.launch import launch, worker_context
 from rayapp.training.outputs import export_model, finish, prepare_output
 
@@ -161,11 +160,11 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
     from rayapp.algorithms.rl import KL_ESTIMATORS, POLICY_LOSSES, entropy_from_logits, value_loss
     from rayapp.algorithms.sft import token_logps
     from rayapp.training.loop import all_reduce
+    from rayapp.training.parallel import clip_grad_norm
 
     cfg, rl = u.cfg, u.cfg.rl
     policy_loss, kl = POLICY_LOSSES[u.algo.policy_loss], KL_ESTIMATORS[u.algo.kl]
     kl_coef = rl.kl_coeff if u.algo.kl_in == "loss" else 0.0
-    params = [p for p in u.model.parameters() if p.requires_grad]
     per_step = cfg.train.global_batch_size // (u.world * cfg.train.micro_batch_size)  # micro-batches per step
     sums = dict.fromkeys((*LOSS_SUMS, "grad_norm"), 0.0)
     n_steps = 0
@@ -197,7 +196,7 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
                 sums["clip_fraction"] += float(clip_frac) * n_tok
                 sums["approx_kl"] += float(approx_kl) * n_tok
             if cfg.train.max_grad_norm is not None:
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                sums["grad_norm"] += clip_grad_norm(u.model, cfg.train.max_grad_norm)  # global norm
             u.opt.step()
             n_steps += 1
     sums["steps"] = n_steps
@@ -247,7 +246,9 @@ def rlhf_worker(config: dict) -> None:
                           lr_multipliers={"value_head": rl.value_lr_multiplier})
     u = PolicyUpdate(cfg, algo, model, opt, reference(cfg, data["model_dir"], lm, w.device), world, w.device)
     sync = build_weight_sync(rl.weight_sync, pool, rank, cfg.resources.use_gpu)
-    metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+    metrics_path = w.store.path("metrics.jsonl")
+    if rank == 0:
+        w.store.pull("metrics.jsonl")  # what an earlier attempt uploaded (output_dir at a URI)
     start = opt.resumed_step or 0
     if opt.resumed_step is not None:
         sync.push(model)  # the engines start from model.path: give them the resumed policy
@@ -311,7 +312,7 @@ def rlhf_worker(config: dict) -> None:
             m["eval_reward"] = evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])
         ckpt_dir = None
         if (it + 1) % cfg.train.checkpoint_every == 0 or done:
-            ckpt_dir = save_checkpoint(model, opt.optimizer, it + 1, opt.optimizer_steps, None, rank)
+            ckpt_dir = save_checkpoint(model, opt.optimizer, it + 1, opt.optimizer_steps, None, rank, world)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -322,11 +323,13 @@ def rlhf_worker(config: dict) -> None:
                 file=sys.__stdout__,  # Ray Train patches print() to also log it, which shows every line twice
                 flush=True,
             )
+            if ckpt_dir or done:
+                w.store.push("metrics.jsonl")  # the rows up to this checkpoint, before it is registered
         w.reporter.report(m, ckpt_dir)
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     sync.close()
-    export_model(policy_of(model), tokenizer, cfg, rank)  # the policy without the value head
+    export_model(policy_of(model), tokenizer, cfg, w)  # the policy without the value head
 
 
 def evaluate_greedy(pool, prompts, cfg, reward) -> float:
@@ -351,7 +354,8 @@ def run(cfg, pool=None) -> dict:
     from rayapp.training.rlhf_rollout import start_reward_actors
 
     t0 = time.perf_counter()
-    out = prepare_output(cfg)
+    store = prepare_output(cfg)
+    out = store.local
     model_dir = resolve_model(cfg.model.path)
     prompts, val, stats = load_prompts(cfg)
     reward = build_reward(cfg.rl.rewards) if cfg.rl.rewards else None
@@ -362,7 +366,7 @@ def run(cfg, pool=None) -> dict:
         rm_dir = Path(cfg.rl.reward_model)
         rm_dir = rm_dir / "model" if (rm_dir / "model" / "config.json").exists() else rm_dir
         resolve_model(str(rm_dir))
-    write_json_atomic(out / "data_stats.json", {"train": stats.to_dict()})
+    store.write_json("data_stats.json", {"train": stats.to_dict()})
     ray = ensure_ray()
     e, r = cfg.engine, cfg.resources
     need = r.num_workers * r.cpus_per_worker + e.num_engines * e.cpus_per_engine + (cfg.rl.reward_model_actors * cfg.rl.reward_model_cpus if rm_dir else 0)
@@ -377,20 +381,21 @@ def run(cfg, pool=None) -> dict:
     try:
         if rm_dir:
             reward_actors = start_reward_actors(str(rm_dir), cfg.rl.reward_model_actors, cfg.rl.reward_model_cpus)
-        launch(rlhf_worker, cfg, model_dir=str(model_dir), prompts=prompts, val=val, pool=pool, reward=reward,
+        launch(rlhf_worker, cfg, store=store, model_dir=str(model_dir), prompts=prompts, val=val, pool=pool, reward=reward,
                reward_actors=reward_actors)
     finally:
         if own_pool:
             pool.shutdown()
         for a in reward_actors:
             ray.kill(a)
+    store.pull("metrics.jsonl")
     rows = read_metrics(out / "metrics.jsonl")
     sections = []
     for name, series in SERIES_PLOTS.items():
         png = plot_curves(rows, series, out / "plots" / f"{name}.png", name, "reward" if name == "reward" else "seconds")
         if png:
             sections.append((name, f'<img src="plots/{png.name}" alt="{name}">'))
-    return finish(cfg, summarize(rows), started=t0, title=f"{cfg.name} (rlhf, {cfg.algorithm})", data_stats={"train": stats.to_dict()},
+    return finish(cfg, summarize(rows), store=store, started=t0, title=f"{cfg.name} (rlhf, {cfg.algorithm})", data_stats={"train": stats.to_dict()},
                   sections=sections, curves={"policy_loss": "policy loss", "value_loss": "value loss"})
 
 

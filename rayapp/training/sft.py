@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from rayapp.fileio import write_json_atomic
 from rayapp.training.launch import build_model, launch, worker_context
 from rayapp.training.loop import LossParts, count_supervised
 from rayapp.training.outputs import export_model, final_evaluation, finish, prepare_output
@@ -56,24 +55,29 @@ def sft_worker(config: dict) -> None:
     pad_id = tokenizer.pad_token_id
     w.fit(model, train_items=data["train"], val_items=data["val"], collate=lambda items: collate_sft(items, pad_id),
           count_fn=count_supervised, loss_fn=sft_loss)
-    export_model(model, tokenizer, cfg, w.rank)
+    export_model(model, tokenizer, cfg, w)
 
 
 def run(cfg) -> dict:
-    from rayapp.models.io import load_tokenizer, resolve_model
+    from rayapp.models.io import load_tokenizer, resolve_model_info
 
     t0 = time.perf_counter()
-    out = prepare_output(cfg)
-    model_dir = resolve_model(cfg.model.path)
+    store = prepare_output(cfg)
+    model = resolve_model_info(cfg.model.path)
+    model_dir = model.path
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     train, val = load_data(cfg, tokenizer)
     print(f"[{cfg.name}] dataset stats (train)\n{train.stats.format()}", flush=True)
     stats = {"train": train.stats.to_dict(), "validation": val.stats.to_dict() if val else None}
-    write_json_atomic(out / "data_stats.json", stats)
+    store.write_json("data_stats.json", stats)
     print(
         f"[{cfg.name}] {cfg.resources.num_workers} worker(s), global batch {cfg.train.global_batch_size} = "
         f"micro {cfg.train.micro_batch_size} x {cfg.resources.num_workers} workers x {cfg.grad_accum_steps} accumulation",
         flush=True,
     )
-    final = launch(sft_worker, cfg, model_dir=str(model_dir), train=train.examples, val=val.examples if val else None)
-    return finish(cfg, final_evaluation(final, ("loss", "accuracy", "step")), started=t0, title=f"{cfg.name} (sft)", data_stats=stats)
+    # Workers resolve the model themselves (a built-in name is built on each node; a directory must
+    # be on a path every node sees).
+    final = launch(sft_worker, cfg, store=store, model_dir=model.pinned_ref, train=train.examples,
+                   val=val.examples if val else None)
+    return finish(cfg, final_evaluation(final, ("loss", "accuracy", "step")), store=store, started=t0,
+                  title=f"{cfg.name} (sft)", data_stats=stats)

@@ -2,6 +2,10 @@
 
 One deployment for the whole module (engine start is the slow part): the tiny Llama as
 ``tiny-served`` with the adapter ``support``, behind an API key, on the persistent local head.
+Both are deployed from object storage: published to an S3 bucket (moto on 127.0.0.1) as a job
+publishes its model/, and deployed by URI. Deploy downloads them into the local cache to check
+them; the replica downloads them again into its node's cache (here: the same cached copy), so
+every test below also shows that a deployment from an ``s3://`` output_dir serves.
 """
 
 from __future__ import annotations
@@ -37,8 +41,24 @@ def make_adapter(base_dir, out_dir, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, tmp_path_factory):
-    """Deploy once; yield the DeployInfo; remove the app (and the head this module started)."""
+def published(tiny_model_dir, s3_server):
+    """s3://BUCKET/served with model/ (the tiny Llama) and adapter/ published as a job publishes them."""
+    import shutil
+
+    from rayapp.storage import open_output
+
+    uri = f"s3://{s3_server.create_bucket()}/served"
+    with open_output(uri) as store:
+        shutil.copytree(tiny_model_dir, store.path("model"))
+        make_adapter(tiny_model_dir, store.path("adapter"))
+        store.publish_dir("model")
+        store.publish_dir("adapter")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def served(published, tmp_path_factory):
+    """Deploy once from S3; yield the DeployInfo; remove the app (and the head this module started)."""
     import ray
 
     from rayapp.config.base import DeployConfig
@@ -46,14 +66,13 @@ def served(tiny_model_dir, tmp_path_factory):
     from rayapp.serving.deploy import deploy_model
 
     tmp = tmp_path_factory.mktemp("serving")
-    adapter = make_adapter(tiny_model_dir, tmp / "adapter")
     own_head = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if own_head:
         os.environ["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp / "local_cluster.json")
     os.environ["RAYAPP_TEST_KEY"] = KEY
     deploy = DeployConfig(enabled=True, port=free_port(), max_model_len=512, api_key_env="RAYAPP_TEST_KEY")
     try:
-        info = deploy_model(tiny_model_dir, {"support": str(adapter)}, deploy, MODEL)
+        info = deploy_model(published, {"support": f"{published}/adapter"}, deploy, MODEL)
         yield info
     finally:
         from ray import serve

@@ -95,7 +95,9 @@ def rounds(cfg, data: DistillData, student_dir: Path, teacher_dir: str | None, t
     lc = cfg.logits
     if lc.lmbda == 0:
         return train(cfg, data, student_dir, teacher_dir)
-    out = Path(cfg.output_dir)
+    from rayapp.storage import open_output
+
+    store = open_output(cfg.output_dir)  # the teacher's top-k of each round is cached under store.local/teacher
     steps = max(1, cfg.train.max_steps // lc.rounds)
     rng = random.Random(cfg.train.seed)
     current, final = str(student_dir), {}
@@ -109,13 +111,15 @@ def rounds(cfg, data: DistillData, student_dir: Path, teacher_dir: str | None, t
         on_policy, _ = encode_examples(cfg, tokenizer, [(p, s, "response") for p, s in zip(prompts, samples, strict=True) if s.strip()],
                                        "on-policy samples")
         with teacher_pool(cfg) as tpool:
-            on_policy = with_topk(cfg, on_policy, out, tpool, tag=f"topk_round_{r}")
+            on_policy = with_topk(cfg, on_policy, store.local, tpool, tag=f"topk_round_{r}")
+        store.push("teacher")
         replaced = set(chosen)  # each item knows its prompt: the sampled ones are replaced by the student's answers
         rdata = data.replace(train=[it for i, it in enumerate(data.train) if i not in replaced] + on_policy)
-        rcfg = round_config(cfg, out if r == lc.rounds else out / f"round_{r}", max_steps=steps)
+        rcfg = round_config(cfg, None if r == lc.rounds else f"round_{r}", max_steps=steps)
         print(f"[{cfg.name}] on-policy round {r}/{lc.rounds}: {len(on_policy)} student samples scored by the teacher", flush=True)
-        final = train(rcfg, rdata, Path(current), None)
-        current = str(Path(rcfg.output_dir) / "model")
+        final = train(rcfg, rdata, current, None)
+        current = f"{rcfg.output_dir}/model"  # a path or a URI: the next round's engine and workers resolve it
+    store.close()
     return final
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,10 +50,10 @@ class Method:
     teacher_defaults_to_student: bool = False  # no teacher.path: a frozen copy of the student's start
 
 
-def round_config(cfg, output_dir: Path, **train_updates):
-    """The job config of one round: its own output_dir (and train settings)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    update: dict[str, Any] = {"output_dir": str(output_dir)}
+def round_config(cfg, name: str | None, **train_updates):
+    """The job config of one round: output_dir/<name> (output_dir itself for ``None``; a local
+    path or a URI alike), and its train settings."""
+    update: dict[str, Any] = {"output_dir": f"{cfg.output_dir.rstrip('/')}/{name}" if name else cfg.output_dir}
     if train_updates:
         update["train"] = cfg.train.model_copy(update=train_updates)
     return cfg.model_copy(update=update)

@@ -59,13 +59,13 @@ def build_model(cfg, student, payload: dict, device) -> Trainable:
 
 def rounds(cfg, data: DistillData, student_dir: Path, teacher_dir: str, tokenizer, train) -> dict:
     """Born-again generations (see the module docstring); one plain run when ``self.rounds`` is 1."""
-    out, final = Path(cfg.output_dir), {}
+    final = {}
     for r in range(1, cfg.self_.rounds + 1):
-        rcfg = cfg if r == cfg.self_.rounds else round_config(cfg, out / f"round_{r}")
+        rcfg = cfg if r == cfg.self_.rounds else round_config(cfg, f"round_{r}")
         if cfg.self_.rounds > 1:
             print(f"[{cfg.name}] born-again round {r}/{cfg.self_.rounds}: teacher {teacher_dir}", flush=True)
         final = train(rcfg, data, student_dir, teacher_dir)
-        teacher_dir = str(Path(rcfg.output_dir) / "model")
+        teacher_dir = f"{rcfg.output_dir}/model"  # a path or a URI: the workers resolve it
     return final
 
 

@@ -1,0 +1,97 @@
+"""check_resources refuses, at once and saying what to change, a job its cluster can never hold:
+too much in total, a worker larger than any node, more workers than the nodes hold together
+(or as a strict placement strategy needs), counting what an autoscaler may still add. Against
+a fake ``ray`` module: node lists as ``ray.nodes()`` gives them."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from rayapp import runtime
+from rayapp.runtime import ResourceError, check_resources, node_capacities
+
+
+def fake_ray(*nodes: dict, dead: tuple[dict, ...] = ()):
+    rows = [{"Alive": True, "Resources": n} for n in nodes] + [{"Alive": False, "Resources": n} for n in dead]
+    return types.SimpleNamespace(nodes=lambda: rows)
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """``cluster(*nodes, autoscaler=None)`` makes check_resources see those nodes."""
+
+    def use(*nodes, autoscaler=None, dead=()):
+        ray = fake_ray(*nodes, dead=dead)
+        monkeypatch.setattr(runtime, "ensure_ray", lambda: ray)
+        from ray._private import state as ray_state
+
+        monkeypatch.setattr(ray_state.state, "get_cluster_config", lambda: autoscaler)
+        return ray
+
+    return use
+
+
+HEAD = {"CPU": 0.0, "memory": 1e9}
+FIELDS = {"CPU": "resources.cpus_per_worker", "GPU": "resources.gpus_per_worker"}
+
+
+def test_worker_larger_than_any_node_names_the_field(cluster):
+    cluster(HEAD, {"CPU": 1.0}, {"CPU": 1.0})
+    with pytest.raises(ResourceError) as e:
+        check_resources(cpus=2, what="job 'x'", bundles=[{"CPU": 2}], fields=FIELDS)
+    msg = str(e.value)
+    assert "job 'x' asks for 1 worker(s) of {CPU: 2} each, but no node of this cluster can hold one" in msg
+    assert "set resources.cpus_per_worker to at most 1" in msg
+    assert "2 x {CPU: 1}" in msg and "1 x {CPU: 0}" in msg
+    check_resources(cpus=2, what="job 'x'", bundles=[{"CPU": 1}] * 2, fields=FIELDS)  # one per node fits
+
+
+def test_gpu_workers(cluster):
+    cluster(HEAD, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})  # 2 GPUs, one per node
+    with pytest.raises(ResourceError, match=r"set resources.gpus_per_worker to at most 1"):
+        check_resources(gpus=2, cpus=1, bundles=[{"CPU": 1, "GPU": 2}], fields=FIELDS)
+    cluster(HEAD, {"CPU": 8.0}, {"CPU": 8.0})
+    with pytest.raises(ResourceError, match="16 GPUs but the cluster has 0"):
+        check_resources(gpus=16, bundles=[{"CPU": 1, "GPU": 1}] * 16)
+
+
+def test_workers_that_fit_each_node_but_not_all_together(cluster):
+    """2 nodes of 2 CPUs: 4 CPUs in total, yet 3 workers of 1.2 CPUs fit only one per node."""
+    cluster(HEAD, {"CPU": 2.0}, {"CPU": 2.0})
+    with pytest.raises(ResourceError) as e:
+        check_resources(cpus=3.6, bundles=[{"CPU": 1.2}] * 3, fields=FIELDS)
+    assert "holds at most 2" in str(e.value) and "lower resources.num_workers to 2" in str(e.value)
+    check_resources(cpus=3.0, bundles=[{"CPU": 1.5}] * 2, fields=FIELDS)
+
+
+def test_strict_strategies(cluster):
+    cluster(HEAD, {"CPU": 2.0}, {"CPU": 2.0})
+    check_resources(cpus=4, bundles=[{"CPU": 1}] * 4, strategy="PACK")
+    with pytest.raises(ResourceError, match="holds at most 2 on one node"):
+        check_resources(cpus=4, bundles=[{"CPU": 1}] * 4, strategy="STRICT_PACK")
+    with pytest.raises(ResourceError, match="holds at most 2 one per node"):
+        check_resources(cpus=3, bundles=[{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+
+
+def test_dead_nodes_do_not_count(cluster):
+    cluster(HEAD, {"CPU": 1.0}, dead=({"CPU": 8.0},))
+    with pytest.raises(ResourceError, match="no node of this cluster can hold one"):
+        check_resources(cpus=1, bundles=[{"CPU": 2}], fields=FIELDS)
+
+
+def test_autoscaler_node_types_count_as_capacity(cluster):
+    """A cluster from cluster.yaml with no GPU node up yet: 8 workers of 1 GPU are placeable,
+    since the autoscaler may start gpu_worker nodes (8 GPUs each, up to 4)."""
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.name, group.max_count = "gpu_worker", 4
+    group.resources["CPU"], group.resources["GPU"] = 192, 8
+    ray = cluster(HEAD, autoscaler=config)
+    assert node_capacities(ray) == [HEAD] + [{"CPU": 192.0, "GPU": 8.0}] * 4
+    check_resources(cpus=8, gpus=8, bundles=[{"CPU": 1, "GPU": 1}] * 8)
+    with pytest.raises(ResourceError, match="set resources.gpus_per_worker to at most 8, or add nodes with at least 16 GPU"):
+        check_resources(gpus=16, bundles=[{"CPU": 1, "GPU": 16}], fields=FIELDS)
