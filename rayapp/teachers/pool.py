@@ -227,13 +227,9 @@ class LocalEngine:
 
     def info(self) -> dict:
         """pid, start time, model, and the Ray node this engine runs on (None outside Ray)."""
-        node = None
-        try:
-            import ray
+        import ray
 
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        except Exception:  # not in a Ray worker
-            pass
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path, "node_id": node}
 
 
