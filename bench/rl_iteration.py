@@ -5,13 +5,16 @@ time split of an iteration (generate / score / train / sync), all on this machin
    that rollouts are well-formed often enough for the reward to be non-zero from the start;
 2. run jobs/rlhf_grpo.yaml (or rlhf_ppo.yaml) from that policy for ``--iterations`` iterations:
    rollouts from a vLLM CPU engine, rewards = exact match of the final answer + 0.5 x format,
-   updates on 2 Ray Train workers, new weights into the engine through /dev/shm each iteration.
+   updates on 2 Ray Train workers, new weights into the engine after each iteration with
+   ``rl.weight_sync: shm`` (buckets through Ray's object store into the engine node's /dev/shm,
+   reloaded in place; the same path crosses nodes on a cluster).
 
     .venv/bin/python bench/rl_iteration.py [--algorithm grpo|ppo] [--iterations 30] [--sft-steps 12]
 
 Prints the per-iteration reward and time split, and writes bench/results/rl_iteration.json with
 ``ratio`` = mean reward of the last five iterations / reward of the first (``target`` 1.2) and
-``sync_share`` = weight-sync seconds / iteration seconds (goal <= 0.05). The job's report.html
+``sync_share`` = weight-sync seconds / iteration seconds (goal <= 0.05), with the sync split into
+gather / transfer / load seconds and the bytes sent. The job's report.html
 (in the printed output_dir) plots the reward curve and the time split.
 """
 
@@ -70,6 +73,10 @@ def main() -> None:
               f"{r['time_train_s']:>7.2f} {r['time_sync_s'] * 1000:>7.1f} {r['time_iteration_s']:>6.2f}")
     split = {k: summary.get(f"mean_time_{k}_s") for k in ("generate", "score", "train", "sync", "iteration")}
     print("\nmean time split of an iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items() if v is not None))
+    phases = {k: sum(r.get(f"sync_{k}", 0.0) for r in rows) / len(rows) for k in ("gather_s", "transfer_s", "load_s", "bytes")}
+    print(f"weight sync per iteration: {sum(r['time_sync_s'] for r in rows) / len(rows) * 1000:.0f} ms = gather "
+          f"{phases['gather_s'] * 1000:.0f} + transfer {phases['transfer_s'] * 1000:.0f} + load {phases['load_s'] * 1000:.0f} ms "
+          f"(+ rank-0 bookkeeping) for {phases['bytes'] / 1e6:.1f} MB")
     evals = [(r["step"], r["eval_reward"]) for r in rows if "eval_reward" in r]
     result = {
         "ratio": summary["reward_ratio"],
@@ -87,6 +94,8 @@ def main() -> None:
         "format_curve": [round(r.get("reward_format", 0.0), 4) for r in rows],
         "greedy_eval_reward": evals,
         "time_split_s": split,
+        "sync_transport": "shm (Ray object store -> engine node /dev/shm -> reload_weights)",
+        "sync_phases_mean": {k: round(v, 4) for k, v in phases.items()},
         "rollouts_per_iteration": cfg.rollouts_per_iteration,
         "setup": f"tiny Llama (2 layers, hidden 128) SFT {args.sft_steps} steps on arithmetic, then {args.algorithm} "
                  f"lr {args.lr}, 1 vLLM CPU engine, 2 Ray Train CPU workers, shared 2-core machine",

@@ -10,7 +10,7 @@ real rationales are. Same model (packaged SmolLM2-135M-Instruct), float32, same 
 (b) vLLM: :class:`rayapp.teachers.pool.VLLMEnginePool` with ``--engines`` CPU engines,
     all prompts in one call (continuous batching). Engine start-up is reported, not timed.
 (c) the ``kind: batch`` rationale job over ``--batch-rows`` rows: rows/s end to end
-    (engine start included) and after the first shard.
+    (engine start included) and after the first committed part.
 
 Prints a table and writes bench/results/teacher_throughput.json with {"ratio", "target"}.
 
@@ -118,12 +118,15 @@ def bench_batch_job(rows: int) -> dict:
         started = time.perf_counter()
         summary = run(cfg)
         seconds = time.perf_counter() - started
-        shard_times = sorted(p.stat().st_mtime for p in Path(tmp, "out", "shards").glob("shard-*[0-9].jsonl"))
-    # Shards finishing within a second of each other (two batches done together) give no steady rate.
-    span = shard_times[-1] - shard_times[0] if len(shard_times) > 1 else 0.0
-    steady = (len(shard_times) - 1) * 32 / span if span > 1.0 else None
+        import pyarrow.parquet as pq
+
+        commits = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows)
+                         for p in Path(tmp, "out", "checkpoint").glob("*.parquet") if not p.name.endswith(".pending.parquet"))
+    # Parts committed within a second of each other (two batches done together) give no steady rate.
+    span = commits[-1][0] - commits[0][0] if len(commits) > 1 else 0.0
+    steady = sum(n for _, n in commits[1:]) / span if span > 1.0 else None
     return {"rows": summary["rows_in"], "written": summary["written"], "gold_agree": summary.get("gold_agree"), "seconds": seconds,
-            "rows_per_s_end_to_end": summary["rows_in"] / seconds, "rows_per_s_after_first_shard": steady}
+            "rows_per_s_end_to_end": summary["rows_in"] / seconds, "rows_per_s_after_first_part": steady}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio vLLM (bind {best}) / transformers: {ratio:.2f}x (target 2.0x); vLLM engine start {vllm['engine_start_s']:.0f}s (not timed); "
           f"{vllm['stopped_at_eos']}/{len(prompts)} stopped at EOS; update_weights(state dict) {vllm['update_weights_s'] * 1000:.0f} ms")
     if job:
-        steady = job["rows_per_s_after_first_shard"]
-        after = f", {steady:.2f} rows/s after the first shard" if steady else ""
+        steady = job["rows_per_s_after_first_part"]
+        after = f", {steady:.2f} rows/s after the first committed part" if steady else ""
         print(f"batch job (task: rationales, {job['rows']} rows, 1 replica): {job['rows_per_s_end_to_end']:.2f} rows/s "
               f"end to end (engine start included){after}")
     result = {

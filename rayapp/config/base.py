@@ -188,6 +188,11 @@ class EngineConfig(StrictModel):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine on a cluster.")
     use_gpu: bool = Field(False, description="Run engines on GPUs; false uses the vLLM CPU build.")
     cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs Ray reserves per engine actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine (and each batch replica) asks for besides CPUs/GPUs, to keep engines on "
+                    "dedicated inference nodes: e.g. {inference: 1} with those nodes started `ray start --resources='{\"inference\": 8}'` "
+                    "(cluster.yaml: the node type's resources). Empty: any node.")
     max_model_len: int = Field(1024, gt=16, description="Engine context length (prompt + generation).")
     max_num_seqs: int = Field(64, gt=0, description="Sequences batched together by the engine.")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")

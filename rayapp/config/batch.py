@@ -1,5 +1,5 @@
 """`kind: batch` — autoscaled batch generation with vLLM on Ray Data (teacher labels and
-rationales, logprobs, plain inference), written as resumable shards."""
+rationales, logprobs, plain inference), written by the replicas as parts that a re-run skips."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ class BatchJobConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for every prompt.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Template, parsing and filtering when task is 'rationales'.")
     batch_size: int = Field(32, gt=0, description="Rows handed to an engine replica at a time (vLLM batches them continuously).")
-    rows_per_shard: int = Field(128, gt=0, description="Input rows per output shard; a re-run skips shards already written.")
-    output_dir: str = Field("outputs/batch", description="Writes shards/, output.jsonl (all rows), rejects.jsonl, stats.json, config.resolved.yaml.")
+    rows_per_shard: int = Field(128, gt=0, description="Input rows per read block: what one Ray Data read task reads (and about the rows of one output part). A re-run skips every row already committed, whatever the block.")
+    output_dir: str = Field("outputs/batch", description="A local path, shared mount or s3:// / gs:// URI (every replica writes there). Gets parts/ and checkpoint/ (written by the replicas; what a re-run skips), then output.jsonl (input order), rejects.jsonl, stats.json, summary.json, manifest.json, config.resolved.yaml.")
 
     @model_validator(mode="after")
     def _check(self):

@@ -81,8 +81,10 @@ class RLConfig(StrictModel):
     reward_model_actors: int = Field(1, gt=0, description="Ray actors serving the reward model.")
     reward_model_cpus: float = Field(0.5, gt=0, description="Logical CPUs each reward-model actor reserves.")
     weight_sync: Literal["auto", "shm", "nccl"] = Field(
-        "auto", description="How new weights reach the engines: 'shm' (safetensors in /dev/shm, CPU), 'nccl' (broadcast from rank 0, GPUs), 'auto' picks by resources.use_gpu."
+        "auto", description="How new weights reach the engines after each update: 'shm' (buckets through Ray's object store into each engine node's /dev/shm, reloaded in place; any node layout, CPU or GPU), 'nccl' (vLLM's NCCL weight transfer from train rank 0; GPU trainers and engines), 'auto': nccl when resources.use_gpu and engine.use_gpu, else shm."
     )
+    sync_bucket_mib: int = Field(256, gt=0, description="Weight sync: gathered weights are sent in buckets of this many MiB (no process holds more than two buckets of them at once).")
+    sync_check_prompts: int = Field(0, ge=0, description="After each weight sync, the engines generate greedily for this many training prompts and the policy scores those tokens: metrics get sync_check_max_logp_diff (engine vs trainer log-probs; 0 up to numerics when the engines hold the new weights) and sync_check.jsonl the tokens. 0: off.")
     eval_prompts: int = Field(0, ge=0, description="Greedy evaluation on this many validation prompts at the start and every train.eval_every iterations (0: off).")
 
 
@@ -118,8 +120,9 @@ class RLHFJobConfig(TrainingJobConfig):
         if self.resources.strategy == "fsdp":
             raise ValueError("resources.strategy: fsdp is not supported for kind: rlhf yet (the reference pass and the weight "
                              "sync to the rollout engines read the policy's whole weights); use resources.strategy: ddp")
-        if self.rl.weight_sync == "nccl" and not self.resources.use_gpu:
-            raise ValueError("rl.weight_sync: nccl needs resources.use_gpu: true; use 'shm' (or 'auto') on CPU")
+        if self.rl.weight_sync == "nccl" and not (self.resources.use_gpu and self.engine.use_gpu):
+            raise ValueError("rl.weight_sync: nccl needs GPU trainers and engines (resources.use_gpu: true and engine.use_gpu: true); "
+                             "use 'shm' (or 'auto') otherwise")
         return self
 
     @property

@@ -1,38 +1,42 @@
-"""`kind: batch` — generation over a dataset on Ray Data with an autoscaling pool of vLLM replicas.
+"""`kind: batch` — generation over a dataset on Ray Data with an autoscaling pool of vLLM replicas,
+each writing its own results straight to ``output_dir``.
 
-Read the input rows, split them by row number into shards of ``rows_per_shard``, skip shards
-already in ``output_dir/shards``, run the rest through ``map_batches`` with
-:class:`GenerationStage` (one vLLM engine per actor, ``concurrency: [min, max]`` actors),
-and, as results stream back to the driver, write each shard the moment all its rows are in
-(through a temporary file renamed into place). A killed run therefore leaves only whole
-shards behind, and a re-run produces every row exactly once. When every shard is written,
-``output.jsonl``, ``rejects.jsonl`` and ``stats.json`` are assembled from the shards.
+The pipeline (``batch_io`` holds the reading and writing side):
+
+    BatchInput (read tasks, one per block of ``rows_per_shard`` input rows, each keyed by row number)
+      -> CheckpointFilter (Ray Data's: rows a earlier run already committed never reach a replica)
+      -> GenerationStage (one vLLM engine per actor, ``concurrency: [min, max]`` actors)
+      -> PartsSink (parquet parts in output_dir/parts, written by the worker holding the rows,
+         each committed in output_dir/checkpoint by Ray Data's two-phase checkpoint)
+    then assemble (a Ray task): output.jsonl, rejects.jsonl, stats.json from the committed parts.
+
+No generated row passes through the driver: it holds the block list, and a count. A killed run
+leaves committed parts and at most some uncommitted ones (deleted by Ray Data on the next run);
+a re-run generates only the rows not committed, and assembly refuses to write unless every input
+row is there exactly once, in output.jsonl or in rejects.jsonl (with its reason). A replica that
+dies is restarted by Ray Data and its unfinished batches are run again (nothing of them was
+committed).
 
 Not ``ray.data.llm``: its stages want ``messages`` rows and return raw text; here a stage also
 parses rationales, applies the gold filter and turns empty / over-long prompts into counted
 rejects, all inside the replica that holds the engine.
-
-Every input row ends up in exactly one of output.jsonl or rejects.jsonl (with its reason).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
+import os
 import time
 from pathlib import Path
-from typing import Any
 
 from rayapp.config.batch import BatchJobConfig
-from rayapp.config.loader import write_resolved_config
-from rayapp.data.readers import read_jsonl, read_rows, write_jsonl_atomic
 from rayapp.errors import UserError
-from rayapp.fileio import write_text_atomic
 from rayapp.teachers import Completion
+from rayapp.teachers import batch_io as io
 
 log = logging.getLogger(__name__)
+LAYOUT = "parts-v2"  # output_dir layout; a directory of the earlier shards layout is another run
 
 
 class BatchInputError(UserError, ValueError):
@@ -43,46 +47,41 @@ class BatchResumeError(UserError, RuntimeError):
     pass
 
 
-# -- input ------------------------------------------------------------------------------------
+# -- input checks on the driver (streaming: nothing kept but counts and the first problems) ----
 
-def load_input(cfg: BatchJobConfig) -> tuple[list[dict], list[dict]]:
-    """(items, rejects): items are {"row", "where", "data"} for usable rows; rejects name the
-    file:line, field and reason of each row that cannot be used."""
-    from rayapp.data.formats import RowError, parse_distill_input, parse_prompt, present
+def scan_input(cfg: BatchJobConfig, keep: int = 10) -> dict:
+    """{"rows", "usable", "by_reason", "first": first ``keep`` rejects} over every input row."""
+    from rayapp.data.readers import read_rows
 
-    parse = parse_distill_input if cfg.task == "rationales" else parse_prompt
-    items, rejects = [], []
+    out = {"rows": 0, "usable": 0, "by_reason": {}, "first": []}
     for n, row in enumerate(read_rows(cfg.input, cfg.max_rows)):
-        if row.error:
-            rejects.append({"row": n, "where": row.where, "reason": "bad_row", "detail": row.error})
+        out["rows"] += 1
+        reason, detail = ("bad_row", row.error) if row.error else io.check_row(row.data, cfg.task)[1:]
+        if reason is None:
+            out["usable"] += 1
             continue
-        data = present(row.data)
-        try:
-            parse(data)
-        except RowError as e:
-            reason = "empty_prompt" if e.kind == "empty text" and e.field in ("input_text", "messages") else "bad_row"
-            rejects.append({"row": n, "where": row.where, "reason": reason, "detail": f"{e.field}: {e.reason}"})
-            continue
-        items.append({"row": n, "where": row.where, "data": data})
-    return items, rejects
+        out["by_reason"][reason] = out["by_reason"].get(reason, 0) + 1
+        if len(out["first"]) < keep:
+            out["first"].append({"row": n, "where": row.where, "reason": reason, "detail": detail})
+    return out
 
 
-def _fingerprint_input(path: str) -> str:
-    p, h = Path(path), hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def _check_input(cfg: BatchJobConfig, scan: dict) -> None:
+    if not scan["rows"]:
+        raise BatchInputError(f"{cfg.input}: no rows; input: expected a non-empty .jsonl, .parquet or datasets directory")
+    bad = scan["rows"] - scan["usable"]
+    if bad and cfg.on_bad_rows == "error":
+        shown = "\n".join(f"  {r['where']}: {r['detail']}" for r in scan["first"])
+        raise BatchInputError(f"{bad} bad input row(s) in {cfg.input} (on_bad_rows: error; set on_bad_rows: drop to skip and count them):\n{shown}")
 
 
-def manifest(cfg: BatchJobConfig, num_rows: int) -> dict:
-    """What the shards depend on (the cache key of teacher output): a re-run with any of it changed
-    must not mix shards. ``model_weights`` tells a teacher retrained into the same directory apart."""
+def manifest(cfg: BatchJobConfig, index: dict) -> dict:
+    """What the written rows depend on (the cache key of teacher output): a re-run with any of it
+    changed must not mix with them. ``model_weights`` tells a teacher retrained into the same directory apart."""
     from rayapp.models.io import model_stamp, resolve_model
 
     return {
-        "input": str(Path(cfg.input).resolve()), "input_sha256": _fingerprint_input(cfg.input), "num_rows": num_rows,
+        "layout": LAYOUT, "input": str(Path(cfg.input).resolve()), "input_sha256": index["sha256"], "num_rows": index["rows"],
         "max_rows": cfg.max_rows, "rows_per_shard": cfg.rows_per_shard, "task": cfg.task, "model": cfg.model.path,
         "model_weights": model_stamp(resolve_model(cfg.model.path)), "chat": cfg.chat,
         "sampling": cfg.sampling.model_dump(), "rationales": cfg.rationales.model_dump() if cfg.task == "rationales" else None,
@@ -90,24 +89,34 @@ def manifest(cfg: BatchJobConfig, num_rows: int) -> dict:
     }
 
 
-def check_manifest(out: Path, new: dict, restart_on_change: bool = False) -> None:
-    """Keep the shards of the run ``new`` describes; those of another run raise BatchResumeError,
-    or with ``restart_on_change`` are removed (a cache whose key changed)."""
-    path = out / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+def check_manifest(store, new: dict, restart_on_change: bool = False) -> None:
+    """Keep the rows of the run ``new`` describes; those of another run raise BatchResumeError, or
+    with ``restart_on_change`` are removed (a cache whose key changed)."""
+    if store.exists("manifest.json"):
+        old = store.read_json("manifest.json")
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and restart_on_change:
-            log.info("%s: %s changed; generating again", out, ", ".join(changed))
-            shutil.rmtree(out / "shards", ignore_errors=True)
-            path.unlink()
+            log.info("%s: %s changed; generating again", store.uri, ", ".join(changed))
+            clear(store)
         elif changed:
             raise BatchResumeError(
-                f"{out}: holds shards of a different run ({', '.join(changed)} changed since {path} was written); "
-                f"use a new output_dir, or delete {out} to start over"
+                f"{store.uri}: holds rows of a different run ({', '.join(changed)} changed since "
+                f"{store.uri_of('manifest.json')} was written); use a new output_dir, or delete {store.uri} to start over"
             )
-    if not path.exists():
-        write_text_atomic(path, json.dumps(new, indent=1))
+    if not store.exists("manifest.json"):
+        store.write_json("manifest.json", new)
+
+
+def clear(store) -> None:
+    """Remove what a run wrote (parts, checkpoint, outputs, manifest, and the earlier shards layout)."""
+    import pyarrow.fs as pafs
+
+    for rel in (io.PARTS, io.CHECKPOINT, "shards"):
+        if store.fs.get_file_info(io.fs_path(store, rel)).type == pafs.FileType.Directory:
+            store.fs.delete_dir(io.fs_path(store, rel))
+    for rel in ("output.jsonl", "rejects.jsonl", "stats.json", "summary.json", "manifest.json"):
+        if store.exists(rel):
+            store.fs.delete_file(io.fs_path(store, rel))
 
 
 # -- the work inside a replica -----------------------------------------------------------------
@@ -147,7 +156,7 @@ def process_rows(gen, items: list[dict], cfg: BatchJobConfig, chat: bool) -> lis
     by_prompt: dict[int, list[Completion]] = {}
     for c in completions:
         by_prompt.setdefault(c.prompt_index, []).append(c)
-    teacher = {"model": cfg.model.path, "template": "chat" if chat else "plain", "sampling": cfg.sampling.model_dump()}
+    teacher = {"model": getattr(gen, "name", cfg.model.path), "template": "chat" if chat else "plain", "sampling": cfg.sampling.model_dump()}
     results = []
     for i, it in enumerate(items):
         cands = by_prompt.get(i, [])
@@ -167,166 +176,147 @@ def process_rows(gen, items: list[dict], cfg: BatchJobConfig, chat: bool) -> lis
 
 
 class GenerationStage:
-    """Ray Data callable class: one vLLM engine per actor, rows in as JSON, results out as JSON."""
+    """Ray Data callable class: one generator per actor (a vLLM engine, or what ``generator(model_dir,
+    cfg)`` builds: benchmarks replace the engine with a trivial stage), input rows in, one result
+    row out per input row (rows rejected at read time pass through untouched)."""
 
-    def __init__(self, model_dir: str, job: dict, chat: bool):
-        from rayapp.teachers.pool import LocalEngine
-
+    def __init__(self, model_dir: str, job: dict, chat: bool, generator=None):
         self.cfg = BatchJobConfig.model_validate(job)
-        self.gen = EngineGenerator(LocalEngine(model_dir, self.cfg.engine), self.cfg.model.path)
+        if generator is None:
+            from rayapp.teachers.pool import LocalEngine
+
+            self.gen = EngineGenerator(LocalEngine(model_dir, self.cfg.engine), self.cfg.model.path)
+        else:
+            self.gen = generator(model_dir, self.cfg)
         self.chat = chat
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else ""  # "" outside Ray (unit tests)
+        self.replica = f"{node}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        items = [{"row": int(r), "data": json.loads(d)} for r, d in zip(batch["row"], batch["json"], strict=True)]
-        results = process_rows(self.gen, items, self.cfg, self.chat)
-        return {"row": [r["row"] for r in results], "json": [json.dumps(r, ensure_ascii=False) for r in results]}
+        started = time.perf_counter()
+        rows = [int(r) for r in batch["row"]]
+        where = dict(zip(rows, batch["where"], strict=True))
+        results = [{"row": r, "status": "reject", "reason": reason, "detail": detail}
+                   for r, reason, detail in zip(rows, batch["reason"], batch["detail"], strict=True) if reason]
+        items = [{"row": r, "data": json.loads(d)} for r, d, reason in zip(rows, batch["json"], batch["reason"], strict=True) if not reason]
+        if items:
+            results += process_rows(self.gen, items, self.cfg, self.chat)
+        per_row = (time.perf_counter() - started) / max(1, len(rows))
+        out: dict[str, list] = {k: [] for k in io.PART_COLUMNS}
+        for r in results:
+            ok = r["status"] == "ok"
+            gold = _gold(r["data"].get("gold_match") if ok else (False if r["reason"] == "gold_mismatch" else None))
+            record = r["data"] if ok else {"row": r["row"], "where": where[r["row"]], "reason": r["reason"], "detail": r.get("detail")}
+            for key, value in (("row", r["row"]), ("status", r["status"]), ("reason", None if ok else r["reason"]),
+                               ("where", where[r["row"]]), ("tokens", r.get("tokens", 0)), ("gold", gold), ("gen_s", per_row),
+                               ("replica", self.replica), ("json", json.dumps(record, ensure_ascii=False))):
+                out[key].append(value)
+        return out
 
 
-# -- shards -----------------------------------------------------------------------------------
-
-def shard_path(out: Path, k: int, what: str = "rows") -> Path:
-    suffix = {"rows": ".jsonl", "rejects": ".rejects.jsonl", "stats": ".stats.json"}[what]
-    return out / "shards" / f"shard-{k:05d}{suffix}"
-
-
-def done_shards(out: Path, num_shards: int) -> set[int]:
-    """Shards whose rows file exists: it is renamed into place last, after rejects and stats."""
-    return {k for k in range(num_shards) if shard_path(out, k).exists()}
-
-
-def write_shard(out: Path, k: int, results: list[dict], generate_s: float = 0.0) -> dict:
-    """Write shard ``k``; ``generate_s``: the wall time it took since the previous shard (or the start),
-    summed in stats.json so that teacher output keeps the time it cost."""
-    results = sorted(results, key=lambda r: r["row"])
-    ok = [r for r in results if r["status"] == "ok"]
-    rejects = [{key: r.get(key) for key in ("row", "where", "reason", "detail")} for r in results if r["status"] != "ok"]
-    stats: dict[str, Any] = {"rows_in": len(results), "written": len(ok), "generate_s": round(generate_s, 1)}
-    if any("tokens" in r for r in ok):  # generated tokens (task: generate; rationale rows do not count them)
-        stats["tokens"] = sum(r.get("tokens", 0) for r in ok)
-    for rej in rejects:
-        stats[rej["reason"]] = stats.get(rej["reason"], 0) + 1
-    gold = [r["data"]["gold_match"] for r in ok if r["data"].get("gold_match") is not None]
-    # Checked against a gold label: rows kept (gold_match true, or false under gold_filter: flag) and
-    # rows dropped as gold_mismatch (gold_filter: drop).
-    stats["gold_checked"], stats["gold_agree"] = len(gold) + stats.get("gold_mismatch", 0), sum(gold)
-    write_jsonl_atomic(shard_path(out, k, "rejects"), rejects)
-    write_jsonl_atomic(shard_path(out, k, "stats"), [stats])
-    write_jsonl_atomic(shard_path(out, k), [r["data"] for r in ok])  # last: marks the shard done
-    return stats
-
-
-def assemble(out: Path, num_shards: int) -> dict:
-    """output.jsonl, rejects.jsonl and stats.json from every shard."""
-    total: dict[str, Any] = {}
-    for k in range(num_shards):
-        for key, value in read_jsonl(shard_path(out, k, "stats"))[0].items():
-            total[key] = total.get(key, 0) + value
-    write_jsonl_atomic(out / "output.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k))))
-    write_jsonl_atomic(out / "rejects.jsonl", (row for k in range(num_shards) for row in read_jsonl(shard_path(out, k, "rejects"))))
-    total["shards"] = num_shards
-    total["generate_s"] = round(total.get("generate_s", 0.0), 1)
-    (out / "stats.json").write_text(json.dumps(total, indent=1))
-    return total
+def _gold(match: bool | None) -> int:
+    """The ``gold`` column: 1 agrees with the gold label, 0 disagrees (kept flagged, or rejected as
+    gold_mismatch), -1 not checked."""
+    return -1 if match is None else int(bool(match))
 
 
 # -- the recipe -------------------------------------------------------------------------------
 
-def _check_input(cfg: BatchJobConfig, items: list[dict], rejects: list[dict]) -> int:
-    n = len(items) + len(rejects)
-    if not n:
-        raise BatchInputError(f"{cfg.input}: no rows; input: expected a non-empty .jsonl, .parquet or datasets directory")
-    if rejects and cfg.on_bad_rows == "error":
-        shown = "\n".join(f"  {r['where']}: {r['detail']}" for r in rejects[:10])
-        raise BatchInputError(f"{len(rejects)} bad input row(s) in {cfg.input} (on_bad_rows: error; set on_bad_rows: drop to skip and count them):\n{shown}")
-    return n
-
-
 def validate(cfg: BatchJobConfig) -> str:
-    items, rejects = load_input(cfg)
-    n = _check_input(cfg, items, rejects)
-    shards = -(-n // cfg.rows_per_shard)
-    done = done_shards(Path(cfg.output_dir), shards)
-    by_reason: dict[str, int] = {}
-    for r in rejects:
-        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
-    lines = [f"input {cfg.input}: {n} rows, {len(items)} usable" + (f", rejected {by_reason}" if rejects else "")]
-    lines.append(f"{shards} shard(s) of {cfg.rows_per_shard} rows; {len(done)} already written in {cfg.output_dir}/shards")
+    scan = scan_input(cfg)
+    _check_input(cfg, scan)
+    lines = [f"input {cfg.input}: {scan['rows']} rows, {scan['usable']} usable" + (f", rejected {scan['by_reason']}" if scan["by_reason"] else "")]
+    done = 0
+    if "://" in cfg.output_dir or Path(cfg.output_dir).exists():
+        from rayapp.storage import open_output
+
+        done = io.done_rows(open_output(cfg.output_dir))
+    lines.append(f"{done} row(s) already written in {cfg.output_dir}")
     return "\n".join(lines)
 
 
-def run(cfg: BatchJobConfig, restart_on_change: bool = False) -> dict:
-    """The job; ``restart_on_change``: shards of a run with another manifest are removed instead of
-    refused (distillation's teacher rationales: a cache)."""
+def _write_config(cfg: BatchJobConfig, store) -> None:
+    from rayapp.config.loader import dump_config
+
+    store.write_text("config.resolved.yaml", dump_config(cfg))
+
+
+def _generate(cfg: BatchJobConfig, store, index: dict, generator) -> int:
+    """Run the pipeline over the rows not yet committed; returns the rows it wrote."""
     from rayapp.models.io import resolve_model, wants_chat
     from rayapp.runtime import check_resources, ensure_ray
-    from rayapp.teachers.pool import engine_env
+    from rayapp.teachers.pool import check_engine_resources, engine_env
 
-    started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    items, load_rejects = load_input(cfg)
-    n = _check_input(cfg, items, load_rejects)  # same checks and messages as `rayapp validate`
-    num_shards = -(-n // cfg.rows_per_shard)
-    check_manifest(out, manifest(cfg, n), restart_on_change)
-    write_resolved_config(cfg, out)
-    done = done_shards(out, num_shards)
-    pending: dict[int, list[dict]] = {k: [] for k in range(num_shards) if k not in done}
-    expected = {k: min(cfg.rows_per_shard, n - k * cfg.rows_per_shard) for k in pending}
-    for rej in load_rejects:
-        k = rej["row"] // cfg.rows_per_shard
-        if k in pending:
-            pending[k].append({**rej, "status": "reject"})
-    todo = [it for it in items if it["row"] // cfg.rows_per_shard in pending]
-    where = {it["row"]: it["where"] for it in todo}
-    log.info("%s: %d rows in %d shards; %d shards already written, %d rows to generate", cfg.name, n, num_shards, len(done), len(todo))
-
-    rows_generated = 0
-    last_shard = started
-    if todo:
-        ray = ensure_ray()
-        model_dir = str(resolve_model(cfg.model.path))
-        chat = wants_chat(cfg.chat, model_dir)
-        lo, hi = cfg.concurrency
-        eng = cfg.engine
-        gpus = eng.tensor_parallel_size if eng.use_gpu else 0
-        check_resources(cpus=lo * eng.cpus_per_engine, gpus=lo * gpus, what=f"{cfg.name} (concurrency min {lo} replicas)")
-        ds = ray.data.from_items(
-            [{"row": it["row"], "json": json.dumps(it["data"], ensure_ascii=False)} for it in todo],
-            override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)),
-        )
+    ray = ensure_ray()
+    model_dir = str(resolve_model(cfg.model.path))
+    chat = wants_chat(cfg.chat, model_dir)
+    lo, hi = cfg.concurrency
+    eng = cfg.engine
+    gpus = eng.tensor_parallel_size if eng.use_gpu else 0
+    check_resources(cpus=lo * eng.cpus_per_engine, gpus=lo * gpus, what=f"{cfg.name} (concurrency min {lo} replicas)")
+    check_engine_resources(ray, eng.model_copy(update={"num_engines": lo}), cfg.name)
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.checkpoint_config
+    ctx.checkpoint_config = io.checkpoint_config(store)
+    try:
+        ds = ray.data.read_datasource(io.input_datasource(str(cfg.input), index, cfg.task))
+        remote_args: dict = {"num_cpus": eng.cpus_per_engine}
+        if gpus:
+            remote_args["num_gpus"] = gpus
+        if eng.resources:
+            remote_args["resources"] = dict(eng.resources)
+        if generator is None:
+            remote_args["runtime_env"] = {"env_vars": engine_env(eng)}
         ds = ds.map_batches(
             GenerationStage,
-            fn_constructor_kwargs={"model_dir": model_dir, "job": cfg.model_dump(), "chat": chat},
+            fn_constructor_kwargs={"model_dir": model_dir, "job": cfg.model_dump(), "chat": chat, "generator": generator},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=eng.cpus_per_engine,
-            num_gpus=gpus or None,
-            runtime_env={"env_vars": engine_env(eng)},
+            **remote_args,
         )
-        for record in ds.iter_rows():
-            result = json.loads(record["json"])
-            result.setdefault("where", where.get(result["row"]))
-            k = result["row"] // cfg.rows_per_shard
-            pending[k].append(result)
-            rows_generated += 1
-            if len(pending[k]) == expected[k]:
-                now = time.perf_counter()
-                stats = write_shard(out, k, pending.pop(k), now - last_shard)
-                last_shard = now
-                log.info("shard %d/%d written: %d rows, %d rejected (%.1f rows/s so far)", k + 1, num_shards,
-                         stats["written"], stats["rows_in"] - stats["written"], rows_generated / (time.perf_counter() - started))
-    for k in list(pending):  # shards whose rows were all rejected at load time
-        if len(pending[k]) == expected[k]:
-            write_shard(out, k, pending.pop(k))
-    if pending:
-        raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows; re-run to finish them")
-    total = assemble(out, num_shards)
+        sink = io.parts_sink(store)
+        ds.write_datasink(sink)
+        return sink.rows_written
+    finally:
+        ctx.checkpoint_config = before
+
+
+def run(cfg: BatchJobConfig, restart_on_change: bool = False, generator=None) -> dict:
+    """The job; ``restart_on_change``: rows of a run with another manifest are removed instead of
+    refused (distillation's teacher rationales: a cache). ``generator``: ``(model_dir, cfg) ->`` an
+    object with ``generate(prompts, sampling) -> list[Completion]`` (and a ``name`` recorded as the
+    teacher model) used in each replica instead of a vLLM engine (benchmarks of the pipeline)."""
+    from rayapp.storage import open_output
+
+    started = time.perf_counter()
+    store = open_output(cfg.output_dir)
+    index = io.index_input(str(cfg.input), cfg.max_rows, cfg.rows_per_shard)
+    n = index["rows"]
+    if not n or cfg.on_bad_rows == "error":  # same checks and messages as `rayapp validate`
+        _check_input(cfg, scan_input(cfg) if n else {"rows": 0})
+    check_manifest(store, manifest(cfg, index), restart_on_change)
+    _write_config(cfg, store)
+    skipped = io.done_rows(store)
+    log.info("%s: %d rows in %d blocks; %d already written, %d to generate", cfg.name, n, len(index["blocks"]), skipped, n - skipped)
+    generated = _generate(cfg, store, index, generator) if skipped < n else 0
+    total = _assemble(store, n)
     seconds = time.perf_counter() - started
     summary = {
-        "output": str(out / "output.jsonl"), "rows_in": n, "written": total["written"], "rejected": n - total["written"],
-        "shards": num_shards, "shards_skipped": len(done), "rows_generated": rows_generated,
-        "seconds": round(seconds, 1), "rows_per_s": round(rows_generated / seconds, 2) if rows_generated else 0.0,
+        "output": store.uri_of("output.jsonl"), "rows_in": n, "written": total["written"], "rejected": n - total["written"],
+        "rows_skipped": skipped, "rows_generated": generated, "parts": total["parts"],
+        "seconds": round(seconds, 1), "rows_per_s": round(generated / seconds, 2) if generated else 0.0,
     }
-    summary.update({k: v for k, v in total.items() if k not in summary and k not in ("rows_in", "tokens", "shards")})
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary.update({k: v for k, v in total.items() if k not in summary and k not in ("rows_in", "tokens")})
+    store.write_json("summary.json", summary)
     return summary
 
+
+def _assemble(store, n: int) -> dict:
+    """Assembly as a Ray task beside the data when Ray is running (the driver stays small), else here."""
+    import ray
+
+    if not ray.is_initialized():
+        return io.assemble(store, n)
+    return ray.get(ray.remote(num_cpus=0)(io.assemble).remote(store, n))

@@ -44,7 +44,9 @@ def engine_env(engine: EngineConfig, on_engine_node: bool = False) -> dict[str, 
     return env
 
 
-def llm_kwargs(model_path: str, engine: EngineConfig) -> dict[str, Any]:
+def llm_kwargs(model_path: str, engine: EngineConfig, weight_transfer: str | None = None) -> dict[str, Any]:
+    """vLLM ``LLM(...)`` arguments; ``weight_transfer``: the backend of vLLM's weight-transfer
+    engine to start with (``"nccl"`` for the GPU weight sync), or None."""
     kwargs: dict[str, Any] = dict(
         model=str(model_path),
         dtype=engine.dtype,
@@ -60,6 +62,8 @@ def llm_kwargs(model_path: str, engine: EngineConfig) -> dict[str, Any]:
             kwargs["distributed_executor_backend"] = "ray"
     else:
         kwargs["gpu_memory_utilization"] = 0.3  # host memory on CPU; the KV cache size comes from engine_env
+    if weight_transfer:
+        kwargs["weight_transfer_config"] = {"backend": weight_transfer}
     return kwargs
 
 
@@ -91,7 +95,7 @@ def sampling_params(sampling: SamplingConfig | dict, cpu: bool = False, **overri
 class LocalEngine:
     """One vLLM engine in this process. Methods take and return plain Python (Ray-friendly)."""
 
-    def __init__(self, model_path: str, engine: dict | EngineConfig):
+    def __init__(self, model_path: str, engine: dict | EngineConfig, weight_transfer: str | None = None):
         engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine)
         for key, value in engine_env(engine, on_engine_node=True).items():
             os.environ.setdefault(key, value)
@@ -100,7 +104,7 @@ class LocalEngine:
         started = time.perf_counter()
         self.engine = engine
         self.model_path = str(model_path)
-        self.llm = LLM(**llm_kwargs(model_path, engine))
+        self.llm = LLM(**llm_kwargs(model_path, engine, weight_transfer))
         self.tokenizer = self.llm.get_tokenizer()
         self.start_seconds = time.perf_counter() - started
 
@@ -190,13 +194,23 @@ class LocalEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
-    def load_state(self, state: dict) -> float:
-        """Write a state dict to /dev/shm as safetensors and reload from there (tensors cannot go
-        through collective_rpc on CPU: they arrive as lists)."""
-        from rayapp.teachers.weight_sync import shm_weights
+    def stage_weights(self, version: str, name: str, blob) -> int:
+        """Write one bucket of push ``version`` (the bytes of a safetensors file) into this node's
+        staging directory (weight_sync.staging_dir: /dev/shm); returns the bytes written."""
+        from rayapp.teachers.weight_sync import write_staged
 
-        with shm_weights(state) as weights_dir:
-            return self.reload_weights(weights_dir)
+        return write_staged(version, name, blob)
+
+    def reload_staged(self, version: str) -> float:
+        """Reload every weight from this node's copy of push ``version``."""
+        from rayapp.teachers.weight_sync import staging_dir
+
+        return self.reload_weights(staging_dir(version))
+
+    def drop_staged(self, version: str) -> None:
+        from rayapp.teachers.weight_sync import drop_staged
+
+        drop_staged(version)
 
     def weight_transfer(self, step: str, *args):
         """One step of vLLM's weight-transfer protocol on this engine (GPU weight sync over NCCL:
@@ -212,7 +226,26 @@ class LocalEngine:
         self.llm.wake_up()
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path}
+        """pid, start time, model, and the Ray node this engine runs on (None outside Ray)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path, "node_id": node}
+
+
+def check_engine_resources(ray, engine: EngineConfig, name: str) -> None:
+    """Fail fast when no node offers the custom resources ``engine.resources`` asks for (Ray would
+    wait for them forever)."""
+    if not engine.resources:
+        return
+    total = ray.cluster_resources()
+    missing = {k: v for k, v in engine.resources.items() if total.get(k, 0.0) < v * engine.num_engines}
+    if missing:
+        raise UserError(
+            f"the {name} engine pool asks for engine.resources {engine.resources} per engine x {engine.num_engines}, but the "
+            f"cluster has {', '.join(f'{k}: {total.get(k, 0.0):g}' for k in missing)}; start the inference nodes with "
+            f"`ray start --resources='{{\"{next(iter(missing))}\": N}}'` (cluster.yaml: resources of the node type), or remove engine.resources"
+        )
 
 
 def _to_completions(rows: list[dict]) -> list[Completion]:
@@ -222,7 +255,8 @@ def _to_completions(rows: list[dict]) -> list[Completion]:
 class VLLMEnginePool:
     """``engine.num_engines`` Ray actors, each a :class:`LocalEngine`; implements ``Generator``."""
 
-    def __init__(self, model_path: str | Path, engine: EngineConfig | None = None, name: str = "teacher"):
+    def __init__(self, model_path: str | Path, engine: EngineConfig | None = None, name: str = "teacher",
+                 weight_transfer: str | None = None):
         from rayapp.models.io import resolve_model
         from rayapp.runtime import check_resources, ensure_ray
 
@@ -232,11 +266,15 @@ class VLLMEnginePool:
         ray = ensure_ray()
         gpus = engine.num_engines * engine.tensor_parallel_size if engine.use_gpu else 0
         check_resources(cpus=engine.num_engines * engine.cpus_per_engine, gpus=gpus, what=f"the {name} engine pool (engine.num_engines={engine.num_engines})")
+        check_engine_resources(ray, engine, name)
+        self.weight_transfer = weight_transfer
         self._placement_groups = []
         actor_cls = ray.remote(LocalEngine)
         self.actors = []
         for _ in range(engine.num_engines):
             options: dict[str, Any] = {"num_cpus": engine.cpus_per_engine, "runtime_env": {"env_vars": engine_env(engine)}}
+            if engine.resources:
+                options["resources"] = dict(engine.resources)
             if engine.use_gpu and engine.tensor_parallel_size == 1:
                 options["num_gpus"] = 1
             elif engine.use_gpu:  # vLLM starts its TP workers as Ray actors inside this placement group
@@ -247,7 +285,7 @@ class VLLMEnginePool:
                 ray.get(pg.ready())
                 self._placement_groups.append(pg)
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
-            self.actors.append(actor_cls.options(**options).remote(self.model_path, engine.model_dump()))
+            self.actors.append(actor_cls.options(**options).remote(self.model_path, engine.model_dump(), weight_transfer))
         self._ray = ray
         self.infos = ray.get([a.info.remote() for a in self.actors])  # waits for every engine to start
         log.info("%s: %d vLLM engine(s) ready (%s)", name, len(self.actors), ", ".join(f"{i['start_seconds']:.0f}s" for i in self.infos))
@@ -281,15 +319,24 @@ class VLLMEnginePool:
                 out[i] = values
         return out
 
+    def node_writers(self) -> list:
+        """One engine actor per node that holds engines: the one that writes that node's copy of new weights."""
+        first: dict = {}
+        for actor, info in zip(self.actors, self.infos, strict=True):
+            first.setdefault(info.get("node_id") or id(actor), actor)
+        return list(first.values())
+
     def update_weights(self, state: str | Path | dict) -> float:
         """Load new weights into every engine; ``state`` is a safetensors directory visible on every
-        node, or a state dict (Hugging Face parameter names). Returns the seconds it took."""
+        node, or a state dict (Hugging Face parameter names), sent to each engine node through Ray's
+        object store (weight_sync.send_buckets). Returns the seconds it took."""
         started = time.perf_counter()
         if isinstance(state, (str, Path)):
             self._ray.get([a.reload_weights.remote(str(state)) for a in self.actors])
         else:
-            ref = self._ray.put(dict(state))
-            self._ray.get([a.load_state.remote(ref) for a in self.actors])
+            from rayapp.teachers.weight_sync import send_buckets, state_buckets
+
+            send_buckets(self, state_buckets(dict(state)))
         return time.perf_counter() - started
 
     def sleep(self) -> None:

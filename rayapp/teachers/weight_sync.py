@@ -1,176 +1,398 @@
 """Push the policy's new weights from the Ray Train workers into every engine of a vLLM pool.
 
-One interface, two transports, both built on the pool (:func:`build_weight_sync`):
+One interface, :class:`WeightSync` (``push(model) -> seconds``, ``last``: what the push measured,
+``close()``), built on the pool by :func:`build_weight_sync`; two transports, both crossing nodes.
+Both read the trainer's weights through ``rayapp.training.parallel.iter_full_params``: buckets of
+full tensors (each gathered from the FSDP2 shards in turn, so no rank holds more than one bucket of
+gathered weights), LoRA merged in (the names and values of peft's ``merge_and_unload()``), value
+head left out (``policy_of``). Every rank calls ``push`` (the gathers are collectives); rank 0 sends.
 
-- :class:`SharedMemorySync` (CPU, one node; what runs here): rank 0 writes the full policy
-  state dict (Hugging Face names, LoRA merged, value head left out) as safetensors into
-  ``/dev/shm`` (:func:`shm_weights`, the one writer: ``LocalEngine.load_state`` uses it too) and
-  every engine reloads it in place with vLLM's ``reload_weights`` (``pool.update_weights``). No
-  tensor goes through Ray's object store or an RPC argument (on CPU they would arrive as lists).
-- :class:`NcclBroadcastSync` (GPUs, a cluster): rank 0 joins an NCCL group with the engines'
-  workers and broadcasts every parameter with vLLM's weight-transfer engine
-  (``NCCLTrainerWeightTransferEngine``; CUDA IPC is the same interface with ``backend: ipc``
-  when trainer and engine share a GPU). **Untested here: this machine has no GPU.** It also
-  needs the engines started with ``weight_transfer_config={"backend": "nccl"}``.
+- ``shm`` — :class:`ObjectStoreSync` (CPU engines, any number of nodes; what runs here). Rank 0
+  serialises each bucket as one safetensors blob and puts it in Ray's object store; on every node
+  that holds engines, one engine actor receives it (Ray moves the object to that node) and writes
+  it into that node's ``/dev/shm``. With every bucket there, each engine reloads its weights in
+  place from its own node's copy (vLLM ``reload_weights``) and the files are removed. At most
+  ``IN_FLIGHT`` buckets are in the object store at once, so no process holds the model twice, and
+  nothing assumes a filesystem the trainer and the engines share. Tensors never travel as RPC
+  arguments (through ``collective_rpc`` on CPU they arrive as lists).
+- ``nccl`` — :class:`NcclSync` (GPU engines): vLLM's weight-transfer engine
+  (``NCCLTrainerWeightTransferEngine``): trainer rank 0 is NCCL rank 0, each engine's workers join
+  the group at their own rank offset, and the parameters are broadcast in packed buffers straight
+  from the bucketed gather (:class:`FullParamsSource`). The engines must be started with
+  ``weight_transfer_config={"backend": "nccl"}`` (``VLLMEnginePool(weight_transfer="nccl")``).
+  **Run only on CPU here**: the name / dtype / shape / bucketing layer is tested against vLLM's
+  own checks without NCCL; the broadcast itself needs GPUs (``bench/`` has no GPU script for it,
+  the GPU machine lent to this project has neither ray nor vllm).
 
-``push(model)`` is called by every rank (the state dict gather is a collective under FSDP) and
-returns the seconds rank 0 spent, which the RL loop reports as ``time_sync_s``.
+Each push leaves in ``last`` (the RL loop writes them to metrics.jsonl as ``sync_<key>``):
+``gather_s`` (rank 0 waiting for the next bucket: FSDP gathers and the LoRA merge), ``transfer_s``
+(serialising and moving the bytes to the engines' nodes, or the NCCL broadcast), ``load_s`` (the
+engines loading them), ``bytes`` (one copy of the weights as sent), ``buckets``, ``nodes``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
 
+from rayapp.errors import UserError
 from rayapp.models.value_head import policy_of
+
+TRANSPORTS = ("shm", "nccl")
+DEFAULT_BUCKET_BYTES = 256 * 1024**2
+IN_FLIGHT = 2  # buckets in Ray's object store at once (the next one is serialised while these move)
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class WeightSyncError(UserError, RuntimeError):
+    """The weights could not be pushed into the engines; the message says which and what to change."""
 
 
 class WeightSync(Protocol):
+    last: dict[str, float]
+
     def push(self, model: torch.nn.Module) -> float: ...
 
     def close(self) -> None: ...
 
 
-def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The causal LM's parameters under their Hugging Face names, LoRA merged in, on CPU.
-
-    For a peft model each adapted weight is sent as W + scale * B @ A (peft's ``get_delta_weight``),
-    computed beside the model: merging in place and unmerging would not give W back exactly."""
-    lm = policy_of(model)
-    if hasattr(lm, "get_base_model"):
-        base = lm.get_base_model()
-        with torch.no_grad():
-            state = {k.replace(".base_layer.", "."): v.detach().to("cpu") for k, v in base.state_dict().items() if "lora_" not in k}
-            for name, module in base.named_modules():
-                if not (hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")):
-                    continue
-                key = f"{name}.weight"
-                weight = state[key].clone()
-                for adapter in module.active_adapters:
-                    if adapter in getattr(module, "lora_A", {}):
-                        weight += module.get_delta_weight(adapter).detach().to("cpu", weight.dtype)
-                state[key] = weight
-        return state
-    return {k: v.detach().to("cpu") for k, v in lm.state_dict().items()}
+def resolve_transport(kind: str, use_gpu: bool) -> str:
+    """``rl.weight_sync`` ('auto', 'shm', 'nccl') -> the transport: 'auto' is nccl on GPU engines, else shm."""
+    if kind == "auto":
+        return "nccl" if use_gpu else "shm"
+    if kind not in TRANSPORTS:
+        raise WeightSyncError(f"rl.weight_sync: {kind!r} is not one of auto, {', '.join(TRANSPORTS)}")
+    return kind
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy the second name of tied tensors (lm_head = embed_tokens): safetensors refuses shared
-    storage, and both names must be sent: vLLM's CPU backend repacks lm_head into its own buffer
-    after loading, so leaving it out leaves the engine with the old output layer."""
-    seen: set[tuple] = set()
-    out = {}
-    for k, v in state.items():
-        ptr = (v.data_ptr(), tuple(v.shape))
-        out[k] = v.contiguous().clone() if ptr in seen else v.contiguous()
-        seen.add(ptr)
-    return out
+def wire_dtype(engine_dtype: str) -> torch.dtype | None:
+    """The dtype floating-point weights are sent in: the engine's own (half the bytes of float32
+    masters for a bf16 engine), or None for ``auto`` (as the trainer holds them)."""
+    return WIRE_DTYPES.get(engine_dtype)
 
 
-@contextmanager
-def shm_weights(state: dict[str, torch.Tensor]) -> Iterator[str]:
-    """A directory in /dev/shm (the temp dir where there is none) holding ``state`` as one
-    safetensors file, removed on exit: what ``reload_weights`` reads."""
-    from safetensors.torch import save_file
+# -- what is sent: names, shapes, buckets --------------------------------------------------------
 
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    tmp = tempfile.mkdtemp(prefix="rayapp-weights-", dir=shm)
+def _hf_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) of the language model's state dict, peft's ``base_layer`` dropped
+    from names and adapter tensors left out: the names ``merge_and_unload()`` gives."""
+    from rayapp.training.parallel import unwrap
+
+    for key, value in unwrap(policy_of(model)).state_dict(keep_vars=True).items():
+        if ".lora_" in key:
+            continue
+        yield key.replace(".base_layer.", "."), value
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{first name: later names} of tensors shared under several names (lm_head tied to the
+    embeddings). ``iter_full_params`` sends such a tensor once; vLLM's CPU backend repacks lm_head
+    into its own buffer after a reload, so the CPU transport writes it under every name."""
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for name, value in _hf_entries(model):
+        if id(value) in first:
+            aliases.setdefault(first[id(value)], []).append(name)
+        else:
+            first[id(value)] = name
+    return aliases
+
+
+def full_param_meta(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, wire dtype, full shape) of every tensor ``iter_full_params(policy_of(model))`` yields,
+    in its order, read without gathering anything (a DTensor's ``shape`` is the global one): what
+    the NCCL receivers size their buffers from. vLLM checks it against the stream as it sends
+    (``_checked_iter``), so a disagreement is an error naming the tensor, not a hang."""
+    seen: set[int] = set()
+    meta = []
+    for name, value in _hf_entries(model):
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        meta.append((name, dtype if dtype is not None and value.is_floating_point() else value.dtype, tuple(value.shape)))
+    return meta
+
+
+def _wire(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
+
+
+def full_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``iter_full_params`` over the policy inside ``model`` (DDP, value head and peft unwrapped),
+    floating tensors cast to ``dtype``. Every rank of a sharded model must consume it in step."""
+    from rayapp.training.parallel import iter_full_params
+
+    for bucket in iter_full_params(policy_of(model), bucket_bytes):
+        yield [(name, _wire(t, dtype)) for name, t in bucket]
+
+
+def serialize_bucket(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]] | None = None):
+    """One bucket as the bytes of a safetensors file (a uint8 numpy array: Ray's object store hands
+    it to the reader without a copy). Tied names get their own copy (safetensors refuses shared storage)."""
+    import numpy as np
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in bucket:
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr()
+        t = t.contiguous().clone() if ptr in storages else t.contiguous()
+        storages.add(ptr)
+        tensors[name] = t
+        for alias in (aliases or {}).get(name, ()):
+            tensors[alias] = t.clone()
+    return np.frombuffer(save(tensors), dtype=np.uint8)
+
+
+def state_buckets(state: dict[str, torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """A state dict in buckets of at most ``bucket_bytes`` (a larger tensor is a bucket of its own)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# -- the engine node's side --------------------------------------------------------------------
+
+def staging_dir(version: str) -> str:
+    """Where an engine node keeps the weights of push ``version`` while its engines reload them:
+    ``/dev/shm`` (memory, never a disk), or the temporary directory where there is none."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(shm, f"rayapp-weights-{version}")
+
+
+def write_staged(version: str, name: str, blob) -> int:
+    """Write one bucket (bytes of a safetensors file) into this node's staging directory."""
+    d = staging_dir(version)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(blob))
+    os.replace(tmp, os.path.join(d, name))  # reload_weights reads *.safetensors: never a partial file
+    return len(blob)
+
+
+def drop_staged(version: str) -> None:
+    shutil.rmtree(staging_dir(version), ignore_errors=True)
+
+
+# -- CPU transport -----------------------------------------------------------------------------
+
+def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None) -> dict:
+    """Move ``buckets`` to every node of ``pool`` that holds engines, through Ray's object store,
+    and reload every engine from its node's copy. Returns what it measured (see the module doc)."""
+    import ray
+
+    writers = pool.node_writers()
+    version = uuid.uuid4().hex[:12]
+    gather = transfer = 0.0
+    nbytes, count = 0, 0
+    inflight: list[list] = []
+    it = iter(buckets)
     try:
-        save_file(_unshared({k: v.detach().to("cpu") for k, v in state.items()}), os.path.join(tmp, "model.safetensors"))
-        yield tmp
+        while True:
+            t0 = time.perf_counter()
+            bucket = next(it, None)
+            t1 = time.perf_counter()
+            gather += t1 - t0
+            if bucket is None:
+                break
+            blob = serialize_bucket(bucket, aliases)
+            nbytes += blob.nbytes
+            ref = ray.put(blob)
+            del blob, bucket
+            inflight.append([w.stage_weights.remote(version, f"bucket-{count:05d}.safetensors", ref) for w in writers])
+            del ref  # the object lives until every writer has it
+            count += 1
+            while len(inflight) > IN_FLIGHT:
+                ray.get(inflight.pop(0))
+            transfer += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        for refs in inflight:
+            ray.get(refs)
+        transfer += time.perf_counter() - t1
+        if not count:
+            raise WeightSyncError("the policy yielded no weights to send to the engines")
+        t2 = time.perf_counter()
+        ray.get([a.reload_staged.remote(version) for a in pool.actors])
+        load = time.perf_counter() - t2
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        ray.get([w.drop_staged.remote(version) for w in writers])
+    return {"gather_s": gather, "transfer_s": transfer, "load_s": load, "bytes": float(nbytes), "buckets": float(count),
+            "nodes": float(len(writers))}
 
 
-class SharedMemorySync:
-    """CPU path: safetensors in /dev/shm, then ``reload_weights`` on every engine of the pool."""
+class ObjectStoreSync:
+    """``shm``: buckets through Ray's object store into each engine node's /dev/shm, then reload."""
 
-    def __init__(self, pool, rank: int):
-        self.pool = pool
-        self.rank = rank
+    transport = "shm"
+
+    def __init__(self, pool, rank: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None):
+        self.pool, self.rank, self.bucket_bytes, self.dtype = pool, rank, bucket_bytes, dtype
         self.last: dict[str, float] = {}
 
     def push(self, model: torch.nn.Module) -> float:
         if self.rank != 0:
+            if _is_sharded(model):  # the gathers are collectives: walk them in step with rank 0
+                for _ in full_buckets(model, self.bucket_bytes, self.dtype):
+                    pass
             return 0.0
         started = time.perf_counter()
-        state = policy_state_dict(model)
-        gathered = time.perf_counter()
-        with shm_weights(state) as weights_dir:
-            written = time.perf_counter()
-            self.pool.update_weights(weights_dir)
-        done = time.perf_counter()
-        self.last = {"gather_s": gathered - started, "write_s": written - gathered, "reload_s": done - written}
-        return done - started
+        self.last = send_buckets(self.pool, full_buckets(model, self.bucket_bytes, self.dtype), tied_aliases(model))
+        return time.perf_counter() - started
 
     def close(self) -> None:
         pass
 
 
-class _EngineActorClient:
-    """vLLM's VLLMWeightSyncClient protocol over the pool's LocalEngine actors (``weight_transfer``)."""
+# -- GPU transport -----------------------------------------------------------------------------
 
-    def __init__(self, actors: list):
-        self.actors = actors
+def full_params_source(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None):
+    """A vLLM ``WeightSource`` over :func:`full_buckets`: ``metadata()`` from :func:`full_param_meta`
+    (no gather), iteration from the bucketed gather. Records ``gather_s``, ``bytes`` and
+    (bytes, tensors) of each bucket of its last pass."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-    def _all(self, method: str, *args):
+    class FullParamsSource(WeightSource):
+        def __init__(self):
+            self._meta = [ParamMeta(n, d, s) for n, d, s in full_param_meta(model, dtype)]
+            self.reset()
+
+        def reset(self) -> None:
+            self.gather_s, self.bytes, self.bucket_sizes = 0.0, 0, []
+
+        def metadata(self):
+            return self._meta
+
+        def __iter__(self):
+            self.reset()
+            it = full_buckets(model, bucket_bytes, dtype)
+            while True:
+                t0 = time.perf_counter()
+                bucket = next(it, None)
+                self.gather_s += time.perf_counter() - t0
+                if bucket is None:
+                    return
+                size = sum(t.numel() * t.element_size() for _, t in bucket)
+                self.bucket_sizes.append((size, len(bucket)))
+                self.bytes += size
+                yield from bucket
+
+    return FullParamsSource()
+
+
+def engine_init_infos(init_info: dict, tp_sizes: list[int]) -> list[dict]:
+    """vLLM's worker init info for each engine: the trainer is NCCL rank 0 and vLLM gives every
+    engine ``rank_offset`` 1; separate engines (not one data-parallel engine) would then collide,
+    so engine ``i`` starts after the workers of engines ``0..i-1``."""
+    out, offset = [], 1
+    for tp in tp_sizes:
+        out.append({**init_info, "rank_offset": offset})
+        offset += tp
+    if offset != init_info["world_size"]:
+        raise WeightSyncError(f"NCCL group of world_size {init_info['world_size']} but 1 trainer + {offset - 1} engine workers")
+    return out
+
+
+class EngineActorClient:
+    """vLLM's ``VLLMWeightSyncClient`` over the pool's LocalEngine actors (``weight_transfer``),
+    timing the engines' start / finish of each update (their load time)."""
+
+    def __init__(self, actors: list, tp_size: int):
+        self.actors, self.tp_size = actors, tp_size
+        self.load_s = 0.0
+
+    def _all(self, step: str, *args):
         import ray
 
-        return ray.get([a.weight_transfer.remote(method, *args) for a in self.actors])
+        return ray.get([a.weight_transfer.remote(step, *args) for a in self.actors])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("init_weight_transfer_engine", {"init_info": init_info})
+        import ray
+
+        infos = engine_init_infos(init_info, [self.tp_size] * len(self.actors))
+        ray.get([a.weight_transfer.remote("init_weight_transfer_engine", {"init_info": i}) for a, i in zip(self.actors, infos, strict=True)])
 
     def start_weight_update(self) -> None:
+        t0 = time.perf_counter()
         self._all("start_weight_update")
+        self.load_s += time.perf_counter() - t0
 
     def update_weights(self, update_info) -> None:
         self._all("update_weights", {"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
+        t0 = time.perf_counter()
         self._all("finish_weight_update", weight_version)
+        self.load_s += time.perf_counter() - t0
 
 
-class NcclBroadcastSync:
-    """GPU path: NCCL broadcast from train rank 0 to every engine worker. UNTESTED (no GPU here).
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
-    Group layout: trainer rank 0 is NCCL rank 0, the engines' workers follow
-    (``world_size = 1 + sum of engine tensor-parallel sizes``). Other train ranks only take
-    part in the trainer-side gather."""
 
-    def __init__(self, pool, rank: int, master_address: str | None = None, master_port: int = 29611):
-        from vllm.distributed.weight_transfer.base import ModuleSource
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo,
-            NCCLTrainerWeightTransferEngine,
-        )
+class NcclSync:
+    """``nccl``: vLLM's NCCL weight-transfer engine fed by the bucketed gather. Needs GPUs: the
+    group is opened on the first push (rank 0's node address, a free port there)."""
 
-        self.rank = rank
-        self._model_source = None
-        self._source_cls = ModuleSource
-        info = NCCLTrainerInitInfo(
-            rank=rank,
-            master_address=master_address or _node_ip(),
-            master_port=master_port,
-            world_size=1 + pool.engine.num_engines * pool.engine.tensor_parallel_size,
-        )
-        self._init = (NCCLTrainerWeightTransferEngine, info, _EngineActorClient(list(pool.actors)))
-        self._engine = None
+    transport = "nccl"
+
+    def __init__(self, pool, rank: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None):
+        if not pool.engine.use_gpu or getattr(pool, "weight_transfer", None) != "nccl":
+            raise WeightSyncError("rl.weight_sync: nccl needs GPU engines started for it: set engine.use_gpu: true "
+                                  "(the rlhf recipe then starts them with weight_transfer_config nccl), or use rl.weight_sync: shm")
+        self.pool, self.rank, self.bucket_bytes, self.dtype = pool, rank, bucket_bytes, dtype
+        self.last: dict[str, float] = {}
+        self._engine = self._source = self._client = None
+
+    def _start(self, model: torch.nn.Module) -> None:
+        import ray
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        tp = self.pool.engine.tensor_parallel_size
+        info = NCCLTrainerInitInfo(rank=self.rank, master_address=ray.util.get_node_ip_address(), master_port=_free_port(),
+                                   world_size=1 + len(self.pool.actors) * tp)
+        self._source = full_params_source(model, self.bucket_bytes, self.dtype)
+        self._client = EngineActorClient(list(self.pool.actors), tp)
+        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=self._client, source=self._source)
 
     def push(self, model: torch.nn.Module) -> float:
-        started = time.perf_counter()
         if self._engine is None:
-            cls, info, client = self._init
-            self._engine = cls.trainer_init(info, client=client, source=self._source_cls(policy_of(model)))
+            self._start(model)
+        self._client.load_s = 0.0
+        started = time.perf_counter()
         self._engine.send_weights()
-        return time.perf_counter() - started if self.rank == 0 else 0.0
+        total = time.perf_counter() - started
+        if self.rank != 0:
+            return 0.0
+        s = self._source
+        self.last = {"gather_s": s.gather_s, "load_s": self._client.load_s, "transfer_s": max(0.0, total - s.gather_s - self._client.load_s),
+                     "bytes": float(s.bytes), "buckets": float(len(s.bucket_sizes)), "nodes": float(len(self.pool.node_writers()))}
+        return total
 
     def close(self) -> None:
         if self._engine is not None:
@@ -178,17 +400,10 @@ class NcclBroadcastSync:
             self._engine = None
 
 
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
+SYNCS = {"shm": ObjectStoreSync, "nccl": NcclSync}
 
 
-def build_weight_sync(kind: str, pool, rank: int, use_gpu: bool) -> WeightSync:
-    """``rl.weight_sync`` for the engines of ``pool`` (a VLLMEnginePool): 'shm', 'nccl', or 'auto'
-    (nccl on GPUs, shm on CPU)."""
-    if kind == "auto":
-        kind = "nccl" if use_gpu else "shm"
-    if kind == "nccl":
-        return NcclBroadcastSync(pool, rank)
-    return SharedMemorySync(pool, rank)
+def build_weight_sync(kind: str, pool, rank: int, use_gpu: bool, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightSync:
+    """The sync for ``rl.weight_sync`` (``kind``) into the engines of ``pool`` (a VLLMEnginePool);
+    ``use_gpu``: whether the engines run on GPUs ('auto' picks nccl there)."""
+    return SYNCS[resolve_transport(kind, use_gpu)](pool, rank, bucket_bytes, wire_dtype(pool.engine.dtype))

@@ -15,7 +15,10 @@ looked up in the registries there. Each iteration, inside the workers:
    last, then GAE with the value head, whitened over the batch;
 4. ``rl.update_epochs`` passes of clipped policy (+ value) loss, ``train.global_batch_size``
    rollouts per optimizer step, losses normalised by the step's global token count;
-5. weight sync to every engine (``rayapp.teachers.weight_sync``), timed.
+5. weight sync to every engine (``rayapp.teachers.weight_sync``: through Ray's object store into
+   each engine node's /dev/shm, or over NCCL on GPUs), timed per phase; with
+   ``rl.sync_check_prompts`` the engines' greedy log-probs are checked against the policy
+   (``rlhf_sync``). ``placement.json`` records the node of every train worker and engine.
 
 Metrics per iteration go to metrics.jsonl: reward mean/std (and each term), KL to the reference,
 entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
@@ -226,8 +229,9 @@ def rlhf_worker(config: dict) -> None:
     from rayapp.algorithms.rl import ALGORITHMS, kl_k1
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import CausalLMWithValueHead, policy_of
-    from rayapp.teachers.weight_sync import build_weight_sync
+    from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
     from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
+    from rayapp.training.rlhf_sync import check_sync, record_placement
     from rayapp.training.launch import build_model
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
@@ -245,10 +249,13 @@ def rlhf_worker(config: dict) -> None:
     opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
                           lr_multipliers={"value_head": rl.value_lr_multiplier})
     u = PolicyUpdate(cfg, algo, model, opt, reference(cfg, data["model_dir"], lm, w.device), world, w.device)
-    sync = build_weight_sync(rl.weight_sync, pool, rank, cfg.resources.use_gpu)
+    gpu_sync = cfg.resources.use_gpu and cfg.engine.use_gpu
+    sync = build_weight_sync(rl.weight_sync, pool, rank, gpu_sync, rl.sync_bucket_mib * 2**20)
+    out = Path(w.store.local)  # this node's copy of output_dir (pushed to a URI output_dir at checkpoints)
     metrics_path = w.store.path("metrics.jsonl")
     if rank == 0:
         w.store.pull("metrics.jsonl")  # what an earlier attempt uploaded (output_dir at a URI)
+    record_placement(pool, resolve_transport(rl.weight_sync, gpu_sync), rank, world, out)
     start = opt.resumed_step or 0
     if opt.resumed_step is not None:
         sync.push(model)  # the engines start from model.path: give them the resumed policy
@@ -256,6 +263,7 @@ def rlhf_worker(config: dict) -> None:
             print(f"[{cfg.name}] resuming at iteration {start}", flush=True)
     if rank == 0:
         truncate_metrics(metrics_path, start)
+        truncate_metrics(out / "sync_check.jsonl", start)
 
     for it in range(start, rl.iterations):
         t_iter = time.perf_counter()
@@ -279,6 +287,8 @@ def rlhf_worker(config: dict) -> None:
         t_sync = time.perf_counter()
         sync_s = sync.push(model)
         t_end = time.perf_counter()
+        checked = (check_sync(u, pool, prompts[: rl.sync_check_prompts], tokenizer, it + 1, rank, world, out)
+                   if rl.sync_check_prompts else {})
 
         # -- metrics: token sums all-reduced by name; rollout stats from the full batch every rank holds
         local = {k: sums[k] for k in LOSS_SUMS}
@@ -304,7 +314,8 @@ def rlhf_worker(config: dict) -> None:
         }
         for key in rollouts[0]["parts"]:
             m[key] = sum(r["parts"].get(key, 0.0) for r in rollouts) / len(rollouts)
-        m.update({f"sync_{k}": v for k, v in getattr(sync, "last", {}).items()})
+        m.update({f"sync_{k}": v for k, v in sync.last.items()})
+        m.update(checked)
         m["time_iteration_s"] = t_end - t_iter  # on rank 0, which writes the metrics, this includes generation
         m["sync_share"] = m["time_sync_s"] / max(m["time_iteration_s"], 1e-9)
         done = it + 1 == rl.iterations
@@ -351,6 +362,7 @@ def run(cfg, pool=None) -> dict:
     from rayapp.rewards import build_reward
     from rayapp.runtime import check_resources, ensure_ray
     from rayapp.teachers.pool import VLLMEnginePool
+    from rayapp.teachers.weight_sync import resolve_transport
     from rayapp.training.rlhf_rollout import start_reward_actors
 
     t0 = time.perf_counter()
@@ -374,7 +386,8 @@ def run(cfg, pool=None) -> dict:
                     what=f"rlhf job '{cfg.name}' (train workers + rollout engines + reward-model actors)")
     print(f"[{cfg.name}] {cfg.algorithm}: {len(prompts)} prompts, {cfg.rl.iterations} iterations x {cfg.rollouts_per_iteration} rollouts; starting {e.num_engines} vLLM engine(s)", flush=True)
     own_pool = pool is None
-    pool = VLLMEnginePool(model_dir, e, name="rollout") if own_pool else pool
+    transfer = "nccl" if resolve_transport(cfg.rl.weight_sync, r.use_gpu and e.use_gpu) == "nccl" else None
+    pool = VLLMEnginePool(model_dir, e, name="rollout", weight_transfer=transfer) if own_pool else pool
     if not own_pool:
         pool.update_weights(str(model_dir))  # an earlier job may have left other weights in the engines
     reward_actors = []

@@ -99,8 +99,8 @@ def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, 
     assert "student_answer_accuracy" in evaluation and "teacher_answer_accuracy" in evaluation
     assert summary["model"] == str(out / "model")
     _loads_in_vllm(engine, out / "model")
-    # A re-run reuses the cached teacher output (no engine started: no shard is written again).
-    shards = sorted((out / "teacher" / "rationales" / "shards").glob("*.jsonl"))
+    # A re-run reuses the cached teacher output (no engine started: no part is written again).
+    shards = sorted((out / "teacher" / "rationales" / "parts").glob("*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in shards]
     run(load_job(ROOT / "jobs/distill_step_by_step.yaml", [f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8",
                                                            "student.init=from_teacher_layers", *FAST, "evaluation.max_examples=2"]))

@@ -1,5 +1,7 @@
-"""`kind: batch` on Ray Data with the vLLM CPU engine (tiny model): every row exactly once,
-bad rows counted, and a run killed mid-way finishes on re-run without duplicates."""
+"""`kind: batch` on Ray Data with the vLLM CPU engine (tiny model): every row exactly once, bad rows
+counted; a driver killed mid-way finishes on re-run without duplicates (Ray Data's checkpoint skips
+the committed rows); an engine replica killed mid-way is replaced and its rows redone; output to
+an S3 URI (moto) written by the replicas themselves."""
 
 from __future__ import annotations
 
@@ -65,22 +67,60 @@ def _check_every_row_once(out: Path) -> dict:
     return stats
 
 
+def _committed(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoint").glob("*.parquet") if not p.name.endswith(".pending.parquet"))
+
+
+def _committed_rows(out: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in _committed(out))
+
+
+def _parts(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (out / "parts").glob("*.parquet")}
+
+
+def _replicas(out: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return {r for p in (out / "parts").glob("*.parquet") for r in pq.read_table(p, columns=["replica"])["replica"].to_pylist()}
+
+
+def _driver(ray_cluster, job: Path) -> subprocess.Popen:
+    """`rayapp run job` as a separate driver on this test's cluster."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "rayapp.cli", "run", str(job)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_commits(out: Path, proc: subprocess.Popen, n: int, timeout: float = 900) -> None:
+    """Until ``n`` parts are committed (the engine starts in 25-40 s here, minutes on a loaded machine)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(_committed(out)) < n and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the job ended before {n} parts were committed:\n{proc.stdout.read()[-3000:]}"
+    assert len(_committed(out)) >= n, f"no {n} parts committed within {timeout:.0f} s"
+
+
 def test_batch_job_writes_every_row_exactly_once(ray_cluster, tiny_model_dir, tmp_path):
     from rayapp.teachers.batch import run
 
     _write_input(tmp_path / "in.jsonl")
     cfg = load_job(_job(tmp_path, "out"))
     summary = run(cfg)
-    assert summary["written"] == N_GOOD and summary["rejected"] == 4 and summary["shards"] == 10
+    assert summary["written"] == N_GOOD and summary["rejected"] == 4 and summary["rows_generated"] == N_GOOD + 4
+    assert summary["rows_skipped"] == 0 and summary["parts"] >= 1
     _check_every_row_once(tmp_path / "out")
     chat_rows = read_jsonl(tmp_path / "out" / "output.jsonl")
     assert chat_rows[0]["teacher"] == {"model": "tiny", "template": "chat", "sampling": cfg.sampling.model_dump()}
-    print(f"batch job: {summary['rows_per_s']} rows/s over {summary['rows_generated']} rows")
-    # A second run finds every shard written and generates nothing.
+    assert [r["id"] for r in chat_rows] == [f"r{i}" for i in range(N_GOOD)]  # input order
+    print(f"batch job: {summary['rows_per_s']} rows/s over {summary['rows_generated']} rows, {summary['parts']} parts")
+    # A second run finds every row committed and generates nothing (no engine is started).
     again = run(cfg)
-    assert again["shards_skipped"] == 10 and again["rows_generated"] == 0
+    assert again["rows_skipped"] == N_GOOD + 4 and again["rows_generated"] == 0
     _check_every_row_once(tmp_path / "out")
-    # Changing what the shards depend on is refused instead of mixing outputs.
+    # Changing what the rows depend on is refused instead of mixing outputs.
     from rayapp.teachers.batch import BatchResumeError
 
     with pytest.raises(BatchResumeError, match="sampling"):
@@ -91,25 +131,89 @@ def test_killed_batch_job_resumes_without_duplicates(ray_cluster, tiny_model_dir
     from rayapp.teachers.batch import run
 
     _write_input(tmp_path / "in.jsonl")
-    job = _job(tmp_path, "killed", batch_size=8, concurrency=[1, 1], sampling={"temperature": 1.0, "max_tokens": 96, "seed": 0})
-    shards = tmp_path / "killed" / "shards"
-    # The first run is a separate driver on this test's cluster; kill it after a few shards.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rayapp.cli", "run", str(job)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = _job(tmp_path, "killed", batch_size=8, concurrency=[1, 1], sampling={"temperature": 1.0, "max_tokens": 32, "seed": 0})
+    out = tmp_path / "killed"
+    proc = _driver(ray_cluster, job)
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and len(list(shards.glob("shard-*[0-9].jsonl"))) < 2 and proc.poll() is None:
-            time.sleep(0.2)
+        _wait_for_commits(out, proc, 2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    written_before = sorted(p.name for p in shards.glob("shard-*[0-9].jsonl"))
-    assert 2 <= len(written_before) < 10, f"kill landed outside the run: {written_before}"
-    assert not (tmp_path / "killed" / "output.jsonl").exists()
-    before = {name: (shards / name).read_text() for name in written_before}
+    done = _committed_rows(out)
+    assert 2 <= len(_committed(out)) and done < N_GOOD + 4, f"kill landed outside the run: {done} rows committed"
+    assert not (out / "output.jsonl").exists()
+    before = {name: data for name, data in _parts(out).items() if name in {p.name for p in _committed(out)}}
 
     summary = run(load_job(job))
-    assert summary["shards_skipped"] == len(written_before)
-    assert all((shards / name).read_text() == text for name, text in before.items())  # kept as they were
-    _check_every_row_once(tmp_path / "killed")
+    assert summary["rows_skipped"] == done and summary["rows_generated"] == N_GOOD + 4 - done
+    after = _parts(out)
+    assert all(after[name] == data for name, data in before.items())  # committed parts kept as they were
+    _check_every_row_once(out)
+
+
+def test_killed_engine_replica_is_replaced_and_rows_appear_once(ray_cluster, tiny_model_dir, tmp_path):
+    """SIGKILL the engine actor (and its vLLM engine process) once some rows are committed: Ray
+    Data restarts the replica, runs its unfinished batches again, and the job ends with every row once."""
+    import psutil
+    import pyarrow.parquet as pq
+
+    _write_input(tmp_path / "in.jsonl")
+    job = _job(tmp_path, "engine_kill", batch_size=8, concurrency=[1, 1], sampling={"temperature": 1.0, "max_tokens": 32, "seed": 0})
+    out = tmp_path / "engine_kill"
+    proc = _driver(ray_cluster, job)
+    try:
+        _wait_for_commits(out, proc, 2)
+        first_part = next(p for p in (out / "parts").glob("*.parquet") if p.name in {c.name for c in _committed(out)})
+        pid = int(pq.read_table(first_part, columns=["replica"])["replica"][0].as_py().split(":")[1])
+        victim = psutil.Process(pid)
+        family = [*victim.children(recursive=True), victim]  # the actor and the vLLM engine core it spawned
+        done_at_kill = _committed_rows(out)
+        for p in family:
+            p.kill()
+        psutil.wait_procs(family, timeout=30)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-5000:]
+    assert done_at_kill < N_GOOD + 4, f"the kill landed after the last row was written ({done_at_kill} rows)"
+    replicas = _replicas(out)
+    assert len(replicas) >= 2 and f":{pid}" in "".join(replicas), replicas  # rows from the killed replica and its replacement
+    _check_every_row_once(out)
+    print(f"engine killed after {done_at_kill} committed rows; replicas that wrote rows: {sorted(replicas)}")
+
+
+def test_batch_output_to_s3_written_by_the_replicas(ray_cluster, s3_server, s3_bucket, tmp_path):
+    """output_dir an s3:// URI: parts, checkpoint and the assembled files go to the bucket; a
+    trivial generation stage stands in for the engine (what is tested is the sink and the checkpoint)."""
+    from rayapp.storage import open_output
+    from rayapp.teachers import PROMPT_TOO_LONG, Completion
+    from rayapp.teachers.batch import run
+
+    class Upper:  # defined here: cloudpickle sends it to the replicas by value
+        name = "trivial-upper-stage"
+
+        def __init__(self, model_dir, cfg):
+            pass
+
+        def generate(self, prompts, sampling):
+            texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+            return [Completion(t.upper(), [1], "stop", prompt_index=i) if len(t) < 1000 else
+                    Completion("", [], PROMPT_TOO_LONG, prompt_index=i, error="too long") for i, t in enumerate(texts)]
+
+    _write_input(tmp_path / "in.jsonl")
+    uri = f"s3://{s3_bucket}/runs/b"
+    cfg = load_job(_job(tmp_path, "s3"), [f"output_dir={uri}", "rows_per_shard=50", "batch_size=25"])
+    summary = run(cfg, generator=Upper)
+    assert summary["written"] == N_GOOD and summary["output"] == f"{uri}/output.jsonl"
+    keys = s3_server.keys(s3_bucket, "runs/b/")
+    assert {"runs/b/output.jsonl", "runs/b/rejects.jsonl", "runs/b/stats.json", "runs/b/manifest.json"} <= set(keys)
+    assert sum(k.startswith("runs/b/parts/") for k in keys) >= 2 and any(k.startswith("runs/b/checkpoint/") for k in keys)
+    store = open_output(uri)
+    local = tmp_path / "s3_copy"
+    local.mkdir()
+    for name in ("output.jsonl", "rejects.jsonl", "stats.json"):
+        (local / name).write_bytes(store.read_bytes(name))
+    _check_every_row_once(local)
+    assert read_jsonl(local / "output.jsonl")[1]["output_text"] == "STORY 1: ONCE UPON A TIME"
+    assert run(cfg, generator=Upper)["rows_generated"] == 0  # the checkpoint in the bucket says every row is done

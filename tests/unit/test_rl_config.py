@@ -31,7 +31,10 @@ def test_grpo_needs_a_group(tmp_path):
 
 def test_nccl_sync_needs_gpus(tmp_path):
     p = _job(tmp_path, "kind: rlhf\nrl: {weight_sync: nccl}\n")
-    with pytest.raises(ConfigError, match="weight_sync: nccl needs resources.use_gpu"):
+    with pytest.raises(ConfigError, match=r"weight_sync: nccl needs GPU trainers and engines \(resources.use_gpu"):
+        load_job(p)
+    p = _job(tmp_path, "kind: rlhf\nrl: {weight_sync: nccl}\nresources: {use_gpu: true}\n")  # engines still on CPU
+    with pytest.raises(ConfigError, match="engine.use_gpu: true"):
         load_job(p)
 
 

@@ -1,32 +1,38 @@
-"""The batch recipe's bookkeeping without an engine: input rejects, per-row results, shards,
-resume manifest. (Generation itself is tested in tests/integration/test_teachers_batch.py.)"""
+"""The batch recipe's bookkeeping without an engine or Ray: input index and blocks, row checks,
+per-row results, the generation stage's output rows, assembly from committed parts, the resume
+manifest. (The Ray Data pipeline is tested in tests/integration/test_teachers_batch_job.py.)"""
 
 from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from rayapp.config.batch import BatchJobConfig
 from rayapp.config.loader import ConfigError, load_job_dict
-from rayapp.data.readers import read_jsonl
+from rayapp.data.readers import read_jsonl, read_rows
+from rayapp.storage import open_output
 from rayapp.teachers import PROMPT_TOO_LONG, Completion
+from rayapp.teachers import batch_io as io
 from rayapp.teachers.batch import (
     BatchInputError,
     BatchResumeError,
-    assemble,
+    GenerationStage,
     check_manifest,
-    done_shards,
-    load_input,
     manifest,
     process_rows,
+    scan_input,
     validate,
-    write_shard,
 )
 
 
 class Echo:
     model_path = "echo"
+
+    def __init__(self, *args):
+        pass
 
     def generate(self, prompts, sampling):
         out = []
@@ -47,14 +53,54 @@ def _input(tmp_path, lines):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_load_input_sorts_rows_into_usable_and_rejected(tmp_path):
+def test_scan_input_sorts_rows_into_usable_and_rejected(tmp_path):
     _input(tmp_path, [json.dumps({"input_text": "a"}), "[1, 2]", json.dumps({"input_text": ""}), json.dumps({"messages": [{"role": "user", "content": "b"}]})])
-    items, rejects = load_input(_cfg(tmp_path))
-    assert [it["row"] for it in items] == [0, 3]
-    assert [(r["row"], r["reason"], r["where"].endswith(f":{r['row'] + 1}")) for r in rejects] == [(1, "bad_row", True), (2, "empty_prompt", True)]
+    scan = scan_input(_cfg(tmp_path))
+    assert (scan["rows"], scan["usable"], scan["by_reason"]) == (4, 2, {"bad_row": 1, "empty_prompt": 1})
+    assert [(r["row"], r["reason"], r["where"].endswith(f":{r['row'] + 1}")) for r in scan["first"]] == [(1, "bad_row", True), (2, "empty_prompt", True)]
     with pytest.raises(BatchInputError, match="on_bad_rows: error"):
         validate(_cfg(tmp_path, on_bad_rows="error"))
     assert "4 rows, 2 usable" in validate(_cfg(tmp_path))
+
+
+def test_blocks_read_back_every_row_as_read_rows_does(tmp_path):
+    """A block is a byte offset + line + row number; blank lines are not rows; a BOM is skipped;
+    max_rows cuts the input; the blocks cover every row once, with the same file:line."""
+    lines = ["\ufeff" + json.dumps({"input_text": "r0"}), "", json.dumps({"input_text": "r1"}), "   ", "{bad",
+             json.dumps({"input_text": ""}), *(json.dumps({"input_text": f"r{i}"}) for i in range(4, 12))]
+    _input(tmp_path, lines)
+    path = str(tmp_path / "in.jsonl")
+    expected = [(r.where, r.data, r.error) for r in read_rows(path)]
+    for per_block, max_rows in ((3, None), (1, None), (100, None), (4, 7)):
+        index = io.index_input(path, max_rows, per_block)
+        assert index["rows"] == (max_rows or len(expected))
+        got = [(w, d, e) for s, e_, off, ln in index["blocks"] for _, w, d, e in io.block_rows(path, "jsonl", s, e_, off, ln)]
+        assert got == expected[: index["rows"]]
+        table = pa.concat_tables([io.read_block(path, "jsonl", "generate", *b) for b in index["blocks"]])
+        assert table["row"].to_pylist() == list(range(index["rows"]))
+        assert table["reason"].to_pylist()[2:4] == ["bad_row", "empty_prompt"]
+
+
+def test_blocks_of_parquet_rows(tmp_path):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"input_text": [f"q{i}" for i in range(10)]}), path, row_group_size=3)
+    index = io.index_input(str(path), None, 4)
+    assert index["format"] == "parquet" and [b[:2] for b in index["blocks"]] == [(0, 4), (4, 8), (8, 10)]
+    rows = [r for b in index["blocks"] for r in io.block_rows(str(path), "parquet", *b)]
+    assert [(n, d["input_text"], w.endswith(f":{n + 1}")) for n, w, d, _ in rows] == [(i, f"q{i}", True) for i in range(10)]
+
+
+def test_generation_stage_rows_carry_results_and_rejects(tmp_path):
+    cfg = _cfg(tmp_path, sampling={"temperature": 0.0, "max_tokens": 4})
+    stage = GenerationStage("unused", cfg.model_dump(), chat=False, generator=Echo)
+    out = stage({"row": [4, 5, 6], "where": ["f:5", "f:6", "f:7"], "json": [json.dumps({"input_text": "hi"}), "", json.dumps({"input_text": "LONG"})],
+                 "reason": [None, "bad_row", None], "detail": [None, "malformed JSON", None]})
+    assert sorted(out) == sorted(io.PART_COLUMNS)
+    by_row = {r: (s, reason, json.loads(j)) for r, s, reason, j in zip(out["row"], out["status"], out["reason"], out["json"], strict=True)}
+    assert by_row[4][:2] == ("ok", None) and by_row[4][2]["output_text"] == "hi!0"
+    assert by_row[5] == ("reject", "bad_row", {"row": 5, "where": "f:6", "reason": "bad_row", "detail": "malformed JSON"})
+    assert by_row[6][1] == PROMPT_TOO_LONG and by_row[6][2]["where"] == "f:7"
+    assert set(out["gold"]) == {-1} and all(g > 0 for g in out["gen_s"])
 
 
 def test_process_rows_generate_keeps_input_fields_and_reports_rejects(tmp_path):
@@ -75,39 +121,63 @@ def test_process_rows_rationales_maps_rejects_back_to_input_rows(tmp_path):
     assert res[0]["data"]["label"] == "y!0" and "_row" not in res[0]["data"] and res[1]["reason"] == "unparsable"
 
 
-def test_shards_assemble_in_row_order(tmp_path):
-    out = tmp_path / "out"
-    write_shard(out, 1, [{"row": 3, "status": "ok", "data": {"i": 3}}, {"row": 2, "status": "reject", "reason": "bad_row", "detail": "d", "where": "f:3"}])
-    assert done_shards(out, 2) == {1}
-    write_shard(out, 0, [{"row": 1, "status": "ok", "data": {"i": 1}}, {"row": 0, "status": "ok", "data": {"i": 0}}])
-    stats = assemble(out, 2)
-    assert [r["i"] for r in read_jsonl(out / "output.jsonl")] == [0, 1, 3]
-    assert stats["written"] == 3 and stats["bad_row"] == 1 and stats["rows_in"] == 4
-    assert not list((out / "shards").glob(".*tmp*"))  # no temporary files left
+def _part(store, name: str, rows: list[tuple], commit: bool = True) -> None:
+    """A part as the sink writes it (and its checkpoint, committed or pending, as Ray Data writes it)."""
+    cols = {k: [] for k in io.PART_COLUMNS}
+    for row, status, reason, gold in rows:
+        record = {"i": row} if status == "ok" else {"row": row, "reason": reason}
+        for k, v in zip(io.PART_COLUMNS, (row, status, reason, f"f:{row + 1}", 2, gold, 0.5, "n:1", json.dumps(record)), strict=True):
+            cols[k].append(v)
+    (store.path(io.PARTS)).mkdir(parents=True, exist_ok=True)
+    (store.path(io.CHECKPOINT)).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), store.path(f"{io.PARTS}/{name}.parquet"))
+    suffix = ".parquet" if commit else ".pending.parquet"
+    pq.write_table(pa.table({"row": [r[0] for r in rows]}), store.path(f"{io.CHECKPOINT}/{name}{suffix}"))
 
 
-def test_shard_stats_count_dropped_gold_mismatches_as_checked(tmp_path):
-    """gold_filter: drop turns disagreements into rejects; they were still checked against gold."""
-    rows = [{"row": 0, "status": "ok", "data": {"label": "1", "gold_match": True}},
-            {"row": 1, "status": "reject", "reason": "gold_mismatch", "detail": "teacher said 2", "where": "f:2"},
-            {"row": 2, "status": "ok", "data": {"label": "5"}}]  # unlabeled: nothing to check
-    stats = write_shard(tmp_path / "out", 0, rows)
-    assert (stats["gold_checked"], stats["gold_agree"], stats["gold_mismatch"]) == (2, 1, 1)
-    assert "tokens" not in stats  # rationale rows carry no token counts; no fake 0
-    assert write_shard(tmp_path / "out", 1, [{"row": 3, "status": "ok", "data": {}, "tokens": 7}])["tokens"] == 7
+def test_assemble_merges_committed_parts_in_row_order(tmp_path):
+    store = open_output(tmp_path / "out")
+    _part(store, "b", [(1, "ok", None, -1), (4, "reject", "gold_mismatch", 0), (5, "ok", None, 1)])
+    _part(store, "a", [(0, "ok", None, -1), (2, "reject", "bad_row", -1), (3, "ok", None, 0)])
+    _part(store, "c", [(3, "ok", None, -1)], commit=False)  # a task killed before its commit: not counted
+    assert io.done_rows(store) == 6
+    stats = io.assemble(store, 6)
+    assert [r["i"] for r in read_jsonl(store.path("output.jsonl"))] == [0, 1, 3, 5]
+    assert [r["row"] for r in read_jsonl(store.path("rejects.jsonl"))] == [2, 4]
+    assert (stats["rows_in"], stats["written"], stats["bad_row"], stats["gold_mismatch"], stats["tokens"], stats["parts"]) == (6, 4, 1, 1, 8, 2)
+    assert (stats["gold_checked"], stats["gold_agree"]) == (3, 1)
+    assert json.loads(store.path("stats.json").read_text()) == stats
+    assert not list(store.local.glob(".*tmp*"))
+
+
+def test_assemble_refuses_duplicates_and_gaps(tmp_path):
+    store = open_output(tmp_path / "dup")
+    _part(store, "a", [(0, "ok", None, -1), (1, "ok", None, -1)])
+    _part(store, "b", [(1, "ok", None, -1), (2, "ok", None, -1)])
+    with pytest.raises(io.BatchIntegrityError, match=r"duplicated rows \[1\]"):
+        io.assemble(store, 3)
+    assert not store.path("output.jsonl").exists()  # nothing written from a bad set of parts
+    gap = open_output(tmp_path / "gap")
+    _part(gap, "a", [(0, "ok", None, -1), (3, "ok", None, -1)])
+    with pytest.raises(io.BatchIntegrityError, match=r"missing rows \[1, 2, 4\]"):
+        io.assemble(gap, 5)
 
 
 def test_manifest_refuses_to_mix_runs(tmp_path):
     _input(tmp_path, [json.dumps({"input_text": "a"})])
     cfg = _cfg(tmp_path)
-    out = tmp_path / "out"
-    check_manifest(out, manifest(cfg, 1))
-    check_manifest(out, manifest(cfg, 1))  # same run: fine
+    store = open_output(tmp_path / "out")
+    index = io.index_input(cfg.input, None, 2)
+    check_manifest(store, manifest(cfg, index))
+    check_manifest(store, manifest(cfg, index))  # same run: fine
     with pytest.raises(BatchResumeError, match="rows_per_shard"):
-        check_manifest(out, manifest(cfg.model_copy(update={"rows_per_shard": 3}), 1))
+        check_manifest(store, manifest(cfg.model_copy(update={"rows_per_shard": 3}), index))
     _input(tmp_path, [json.dumps({"input_text": "changed"})])
     with pytest.raises(BatchResumeError, match="input_sha256"):
-        check_manifest(out, manifest(cfg, 1))
+        check_manifest(store, manifest(cfg, io.index_input(cfg.input, None, 2)))
+    _part(store, "a", [(0, "ok", None, -1)])
+    check_manifest(store, manifest(cfg, io.index_input(cfg.input, None, 2)), restart_on_change=True)  # a cache: start over
+    assert io.done_rows(store) == 0 and not store.path(io.PARTS).exists()
 
 
 def test_config_checks_name_the_fields():
