@@ -70,7 +70,7 @@ def child(rows: int, out: Path, replicas: int) -> dict:
         "sampling": {"temperature": 0.0, "max_tokens": 8},
     })
     started = time.perf_counter()
-    summary = run(cfg, generator=TrivialGenerationStage)
+    run(cfg, generator=TrivialGenerationStage)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     stats = json.loads((out / "job" / "stats.json").read_text())

@@ -36,7 +36,6 @@ import platform
 import resource
 import socket
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

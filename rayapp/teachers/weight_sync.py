@@ -371,7 +371,10 @@ class NcclSync:
 
     def _start(self, model: torch.nn.Module) -> None:
         import ray
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
 
         tp = self.pool.engine.tensor_parallel_size
         info = NCCLTrainerInitInfo(rank=self.rank, master_address=ray.util.get_node_ip_address(), master_port=_free_port(),

@@ -231,10 +231,10 @@ def rlhf_worker(config: dict) -> None:
     from rayapp.models.value_head import CausalLMWithValueHead, policy_of
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
     from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
-    from rayapp.training.rlhf_sync import check_sync, record_placement
     from rayapp.training.launch import build_model
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
+    from rayapp.training.rlhf_sync import check_sync, record_placement
 
     w = worker_context(config)
     cfg, data = w.cfg, w.payload

@@ -120,7 +120,10 @@ def test_nccl_source_passes_vllms_own_checks(tiny_model_dir):
     (iter_groups) must come out in metadata order. Plain and LoRA, float32 and a bf16 wire."""
     from dataclasses import asdict
 
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine, NCCLWeightTransferUpdateInfo
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLTrainerWeightTransferEngine,
+        NCCLWeightTransferUpdateInfo,
+    )
 
     for model, dtype in ((load_causal_lm(tiny_model_dir), None), (_lora(tiny_model_dir), torch.bfloat16)):
         source = ws.full_params_source(model, bucket_bytes=400_000, dtype=dtype)
