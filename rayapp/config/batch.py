@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import EngineConfig, ModelConfig, SamplingConfig, StrictModel
+from rayapp.config.base import EngineConfig, ModelConfig, SamplingConfig, StrictModel, TaskType
 
 
 class FewShotConfig(StrictModel):
@@ -17,7 +17,7 @@ class FewShotConfig(StrictModel):
 
 
 class RationalesConfig(StrictModel):
-    task_type: Literal["free", "choice", "yesno", "number"] = Field("free", description="Answer kind: picks the default few-shot template and how labels are parsed and compared.")
+    task_type: TaskType = Field("free", description="Answer kind: picks the default few-shot template and how labels are parsed and compared.")
     system: str | None = Field(None, description="System prompt replacing the template's default.")
     shots: list[FewShotConfig] | None = Field(None, description="Few-shot examples replacing the template's defaults.")
     self_consistency_n: int = Field(1, gt=0, description="Completions sampled per question; the majority label wins (needs sampling.temperature > 0 when > 1).")

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel
+from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskType
 from rayapp.config.batch import RationalesConfig, check_rationale_sampling
 from rayapp.config.training import TrainingJobConfig
 
@@ -97,7 +97,7 @@ class DistillJobConfig(TrainingJobConfig):
     name: str = Field("distill", description="Job name; used in logs, the report and as the served model name.")
     output_dir: str = Field("outputs/distill", description="Where the job writes model/, teacher/, checkpoints/, metrics.jsonl, eval.json, report.html.")
     method: Literal["step_by_step", "logits", "features", "relations", "self"] = Field("step_by_step", description="Distillation method.")
-    task_type: Literal["free", "choice", "yesno", "number"] = Field("free", description="Answer kind: how answers are parsed and compared in evaluation (and teacher rationales).")
+    task_type: TaskType = Field("free", description="Answer kind: how answers are parsed and compared in evaluation (and teacher rationales).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="How the student is initialised.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model and how it is run.")
     step_by_step: StepByStepConfig = Field(default_factory=StepByStepConfig, description="method: step_by_step.")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import StrictModel
+from rayapp.config.base import StrictModel, TaskType
 
 
 class EvalModelConfig(StrictModel):
@@ -22,7 +22,7 @@ class EvaluateJobConfig(StrictModel):
     kind: Literal["evaluate"] = Field("evaluate", description="Job kind.")
     name: str = Field("evaluate", description="Job name.")
     data: str = Field("data/reasoning/test.jsonl", description="Held-out file of {input_text, output_text: gold label}.")
-    task_type: Literal["number", "choice", "yes_no", "free"] = Field("number", description="Answer matcher: numbers compare numerically, choices by letter, ...")
+    task_type: TaskType = Field("number", description="Answer matcher: numbers compare numerically, choices by letter, yes/no by the first word, free text case-, punctuation- and article-insensitively.")
     max_examples: int | None = Field(None, gt=0, description="Evaluate on the first N rows only.")
     few_shot_file: str | None = Field(None, description="{input_text, output_text} worked examples for few-shot prompts.")
     models: list[EvalModelConfig] = Field(default_factory=list, description="Models to compare.")
