@@ -21,6 +21,8 @@ checkpoints under the output store's local directory (benches, notebooks, tests)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -256,7 +258,7 @@ def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -
         try:
             worker_fn({"job": job, "payload": payload, "store": store, "reporter": reporter})
         except Exception as e:
-            raise _failed(cfg, e, str(reporter.root)) from e
+            raise _failed(cfg, e, str(reporter.root), store) from e
         return dict(reporter.history[-1]) if reporter.history else {}
     from rayapp.runtime import check_resources, ensure_ray
 
@@ -298,13 +300,67 @@ def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # Ray Train v2 raises the workers' error instead of returning it
-        raise _failed(cfg, e, checkpoints) from e
+        remove_unregistered_checkpoints(store)
+        raise _failed(cfg, e, checkpoints, store) from e
     if result.error is not None:
-        raise _failed(cfg, result.error, checkpoints) from result.error
+        remove_unregistered_checkpoints(store)
+        raise _failed(cfg, result.error, checkpoints, store) from result.error
     return dict(result.metrics or {})
 
 
-def _failed(cfg, error: BaseException, checkpoints: str) -> TrainingFailed:
+def remove_unregistered_checkpoints(store) -> list[str]:
+    """After a failed run (its workers gone): remove the step_* directories under
+    output_dir/checkpoints that Ray Train's snapshot does not list. Those are uploads that did not
+    finish (a full disk, a lost worker): some rank's files may be cut short or missing while
+    another rank's meta.json is there. Nothing is removed when the snapshot cannot be read.
+    Returns the directories removed."""
+    import pyarrow.fs
+
+    base = f"{store.root.rstrip('/')}/{CHECKPOINT_RUN_NAME}"
+    try:
+        with store.fs.open_input_stream(f"{base}/checkpoint_manager_snapshot.json") as f:
+            snapshot = json.loads(f.read().decode())
+        registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    except FileNotFoundError:
+        registered = set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    removed = []
+    try:
+        for info in store.fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
+            if info.type == pyarrow.fs.FileType.Directory and _step_key(info.base_name) >= (0, 0) \
+                    and info.base_name not in registered:
+                store.fs.delete_dir(info.path)
+                removed.append(info.path)
+    except OSError:
+        pass
+    return removed
+
+
+def _no_space(error: BaseException) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _failed(cfg, error: BaseException, checkpoints: str, store=None) -> TrainingFailed:
+    if _no_space(error):
+        where = store.uri if store is not None else cfg.output_dir
+        free = ""
+        if store is not None and not store.remote:
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(store.root)
+                free = f" ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB)"
+        line = next((ln.strip() for ln in str(error).splitlines() if "No space left on device" in ln), str(error))
+        return TrainingFailed(
+            f"job '{cfg.name}' failed: no space left on device under output_dir {where}{free}: {line}\n"
+            f"  free space there, or set output_dir to a filesystem with room for train.keep_checkpoints="
+            f"{cfg.train.keep_checkpoints} checkpoints and the model; then re-run the job: it resumes from the "
+            f"latest complete checkpoint in {checkpoints} (unfinished ones were removed)"
+        )
     return TrainingFailed(
         f"job '{cfg.name}' failed in the training workers: {type(error).__name__}: {error}\n"
         f"  checkpoints so far are in {checkpoints}; re-running the job resumes from the latest"

@@ -80,10 +80,15 @@ class LocalReporter:
         if checkpoint_dir and self.root:
             # Every rank of a process group reports its own shard files: merged, as Ray Train does.
             # meta.json (rank 0's) goes last: a copy cut short is never taken for a checkpoint.
+            # A copy that fails (a full disk) is removed: no half checkpoint is left behind.
             dest = self.root / f"step_{metrics['step']:06d}"
-            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True, ignore=lambda d, names: ["meta.json"])
-            if os.path.exists(os.path.join(checkpoint_dir, "meta.json")):
-                shutil.copy2(os.path.join(checkpoint_dir, "meta.json"), dest / "meta.json")
+            try:
+                shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True, ignore=lambda d, names: ["meta.json"])
+                if os.path.exists(os.path.join(checkpoint_dir, "meta.json")):
+                    shutil.copy2(os.path.join(checkpoint_dir, "meta.json"), dest / "meta.json")
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
 
     def checkpoint_candidates(self) -> list[str]:
         """The step_* directories under ``root`` with a meta.json, newest first."""

@@ -56,3 +56,42 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     snapshot = json.loads((ckpts / "checkpoint_manager_snapshot.json").read_text())
     assert sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]) == names
     print(f"first run {t1 - t0:.0f} s, resumed run {t2 - t1:.0f} s; checkpoints now {names}")
+
+
+@pytest.fixture()
+def tiny_fs(tmp_path):
+    """mount(size) puts a tmpfs of that size at tmp_path/full (root in a container); unmounted after."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        d = tmp_path / "full"
+        d.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+# 2m: the first checkpoint (about 7 MB for the tiny model) does not fit; 8m: it fits, the exported
+# model (about 2 MB more) does not.
+@pytest.mark.parametrize("size,steps", [("2m", "train.max_steps=4"), ("8m", "train.max_steps=2")])
+def test_full_output_dir_fails_clearly_and_leaves_nothing_looking_complete(tiny_fs, size, steps):
+    from rayapp.training.checkpoint import checkpoint_problem
+
+    out = tiny_fs(size) / "out"
+    t0 = time.time()
+    p = _run(f"output_dir={out}", steps, "train.keep_checkpoints=1")
+    err = p.stderr
+    assert p.returncode == 1, p.stdout[-3000:] + err[-3000:]
+    assert f"error: job 'sft_tiny' failed: no space left on device under output_dir {out} (" in err, err[-4000:]
+    assert "set output_dir to a filesystem with room" in err
+    left = sorted(str(f.relative_to(out)) for f in out.rglob("*"))
+    assert not (out / "model").exists() and not [f for f in left if ".tmp-" in f or f.startswith(".model")], left
+    for step in (out / "checkpoints").glob("step_*"):
+        assert checkpoint_problem(step) is None, (step, left)  # registered ones are complete; the rest was removed
+    print(f"{size}: failed after {time.time() - t0:.0f} s; left {left}")
