@@ -145,7 +145,9 @@ def run(cfg) -> dict:
     write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
     print(_timing_table(timings, total), flush=True)
     result = {"pipeline": str(out / "pipeline.json"), "wall_time_s": round(total, 1)}
-    if cfg.ask is not None:
+    if cfg.ask is not None and cfg.ask.stage not in timings:
+        print(f"\nask: stage '{cfg.ask.stage}' was not selected (only: {cfg.only}); no question asked", flush=True)
+    elif cfg.ask is not None:
         asked = ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {}), cfg.ask_file())
         write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings, "ask": asked})
         result.update(asked)

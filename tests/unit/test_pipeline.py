@@ -158,3 +158,13 @@ def test_ask_from_a_held_out_file_prints_the_gold_answer_and_checks_it(tmp_path,
     assert (result["question"], result["answer"], result["gold"], result["correct"]) == ("What is 9 + 3?", served, "12", right)
     out = capsys.readouterr().out
     assert f"A: {served}    gold: 12    {'right' if right else 'WRONG'}" in out
+
+
+def test_ask_is_left_out_when_its_stage_is_not_selected(tmp_path, fake_recipes, capsys):
+    from rayapp.pipeline import run
+
+    job = _job(tmp_path, "  serve:\n    kind: deploy\n    model: \"${stages.student.output_dir}/model\"\n")
+    with open(job, "a") as f:
+        f.write("ask: {stage: serve, question: 'What is 1 + 1?'}\n")
+    run(load_job(job, ["only=[teacher]"]))
+    assert "stage 'serve' was not selected" in capsys.readouterr().out
