@@ -160,8 +160,12 @@ def test_ask_from_a_held_out_file_prints_the_gold_answer_and_checks_it(tmp_path,
     assert f"A: {served}    gold: 12    {'right' if right else 'WRONG'}" in out
 
 
-def test_ask_is_left_out_when_its_stage_is_not_selected(tmp_path, fake_recipes, capsys):
+def test_ask_is_left_out_when_its_stage_is_not_selected(tmp_path, fake_recipes, capsys, monkeypatch):
     from rayapp.pipeline import run
+
+    # A pipeline with a deploy stage starts the persistent local head unless RAY_ADDRESS names a
+    # cluster; the fake recipes need none, and no head may outlive the test.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
 
     job = _job(tmp_path, "  serve:\n    kind: deploy\n    model: \"${stages.student.output_dir}/model\"\n")
     with open(job, "a") as f:
