@@ -44,9 +44,13 @@ def _file_digest(path: Path, h) -> None:
 def _input_paths(value, inside: list[Path]) -> list[Path]:
     """Existing files / dirs named in a stage config, except those inside pipeline stage outputs."""
     found: list[Path] = []
-    if isinstance(value, str) and len(value) < 4096 and ("/" in value or value.endswith((".jsonl", ".parquet"))):
+    if isinstance(value, str) and len(value) < 4096 and "\n" not in value and ("/" in value or value.endswith((".jsonl", ".parquet"))):
         p = Path(value)
-        if p.exists() and not any(p.resolve().is_relative_to(d) for d in inside):
+        try:
+            exists = p.exists()
+        except OSError:  # prose that merely contains a '/' (a name too long for a path, ...)
+            exists = False
+        if exists and not any(p.resolve().is_relative_to(d) for d in inside):
             found.append(p)
     elif isinstance(value, dict):
         for k, v in value.items():

@@ -172,3 +172,15 @@ def test_ask_is_left_out_when_its_stage_is_not_selected(tmp_path, fake_recipes, 
         f.write("ask: {stage: serve, question: 'What is 1 + 1?'}\n")
     run(load_job(job, ["only=[teacher]"]))
     assert "stage 'serve' was not selected" in capsys.readouterr().out
+
+
+def test_prose_with_a_slash_is_not_taken_for_an_input_file(tmp_path):
+    """A stage field of free text (evaluate's claims[].otherwise) may contain '/' and be longer than
+    a file name may be: the fingerprint must not stat it as a path (it used to fail with ENAMETOOLONG)."""
+    from rayapp.pipeline import _input_paths
+
+    prose = "the step-by-step student leads; bench/distill_quality.py shows " + "where rationales pay " * 20
+    assert _input_paths({"note": prose, "lines": "a/b\nc/d"}, []) == []
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    assert _input_paths({"data": str(data)}, []) == [data]
