@@ -11,17 +11,21 @@ ending in an answer marker ("rationale", parsed with ``parse_rationale``), or ei
 Two backends: "transformers" (batched greedy ``generate`` in this process; no extra processes,
 cheap for small models) and "vllm" (a :class:`VLLMEnginePool`, or any ``Generator`` passed in).
 
-``kind: evaluate`` (:func:`run`) compares models on one held-out set: accuracy, prompt tokens and
-latency per request. Every model answers the same questions greedily (transformers, batched) and is
-scored as above. Prompt tokens per request count what the model reads, so a few-shot prompted base
-model shows what its accuracy costs; latency per request is measured by sending
-``latency_samples`` questions one at a time. The most accurate of ``select_best`` becomes
-``output_dir/best_model`` (a symlink) for a deploy stage to serve.
+``kind: evaluate`` (:func:`run`) compares models on one held-out set: accuracy with its 95% Wilson
+interval, prompt tokens and latency per request. Every model answers the same questions greedily
+(transformers, batched, or a vLLM engine: ``models[].backend``) and is scored as above. Prompt
+tokens per request count what the model reads, so a few-shot prompted base model shows what its
+accuracy costs; latency per request is measured the same way for every model, with transformers,
+by sending ``latency_samples`` questions one at a time. ``claims`` (model vs model: an accuracy
+ratio or margin, a prompt-token or latency ratio) are checked against the table and printed under
+it, with whether each holds. The most accurate of ``select_best`` becomes ``output_dir/best_model``
+(a symlink) for a deploy stage to serve.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import os
 import statistics
 import time
@@ -107,6 +111,17 @@ def generate_vllm(model_dir: str | Path, prompts: list[str], max_new_tokens: int
         return [c.text for c in pool.generate(prompts, sampling)]
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion correct / n; (0, 1) when n is 0."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = correct / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def score_answers(rows: list[dict], completions: list[str], task_type: str, extract: str = "answer") -> dict:
     """Compare completions with the rows' gold labels. Returns accuracy, correct, n and a few samples."""
     from rayapp.teachers.templates import answers_match, normalize_label, parse_rationale
@@ -127,7 +142,7 @@ def score_answers(rows: list[dict], completions: list[str], task_type: str, extr
         if len(samples) < 8:
             samples.append({"input_text": row["input_text"], "gold": row["label"], "completion": text, "pred": pred, "correct": ok})
     n = len(rows)
-    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "samples": samples}
+    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "ci95": list(wilson_interval(correct, n)), "samples": samples}
 
 
 def evaluate_answers(model_dir: str | Path, rows: list[dict], *, task_type: str = "free",
@@ -179,17 +194,18 @@ def evaluate_model(m, cfg, rows: list[dict]) -> dict:
     path = str(resolve_model(m.path))
     prompt_fn = _prompt_fn(m, cfg)
     t0 = time.perf_counter()
-    res = evaluate_answers(path, rows, task_type=cfg.task_type, prompt_fn=prompt_fn, extract=m.extract, max_new_tokens=m.max_new_tokens)
+    res = evaluate_answers(path, rows, task_type=cfg.task_type, prompt_fn=prompt_fn, extract=m.extract, max_new_tokens=m.max_new_tokens,
+                           backend=m.backend, engine=cfg.engine)
     batch_wall = time.perf_counter() - t0
     tok = load_tokenizer(path)
     prompts = render_prompts(tok, [prompt_fn(r["input_text"]) for r in rows])
     prompt_tokens = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     latencies = _latencies(path, prompts[: cfg.latency_samples], m.max_new_tokens)
     return {
-        "name": m.name, "model": path, "accuracy": res["accuracy"], "correct": res["correct"], "n": res["n"],
+        "name": m.name, "model": path, "accuracy": res["accuracy"], "correct": res["correct"], "n": res["n"], "ci95": res["ci95"],
         "prompt_tokens_per_request": statistics.mean(prompt_tokens),
         "latency_s_per_request": statistics.median(latencies) if latencies else None,
-        "batch_wall_s": round(batch_wall, 2), "samples": res["samples"][:4],
+        "backend": m.backend, "batch_wall_s": round(batch_wall, 2), "samples": res["samples"][:4],
     }
 
 
@@ -217,10 +233,60 @@ def validate(cfg) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'model':<22}{'accuracy':>10}{'prompt tok/req':>16}{'latency s/req':>15}"]
+    width = max([22, *(len(r["name"]) + 2 for r in results)])
+    ns = sorted({r["n"] for r in results})
+    lines = [f"held-out questions: {', '.join(map(str, ns))}; accuracy with its 95% (Wilson) interval",
+             f"{'model':<{width}}{'accuracy':>9}{'95% interval':>16}{'prompt tok/req':>16}{'latency s/req':>15}"]
     for r in results:
         lat = f"{r['latency_s_per_request']:.3f}" if r["latency_s_per_request"] is not None else "-"
-        lines.append(f"{r['name']:<22}{r['accuracy']:>10.3f}{r['prompt_tokens_per_request']:>16.1f}{lat:>15}")
+        lo, hi = r["ci95"]
+        lines.append(f"{r['name']:<{width}}{r['accuracy']:>9.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{r['prompt_tokens_per_request']:>16.1f}{lat:>15}")
+    return "\n".join(lines)
+
+
+_METRIC_KEYS = {"accuracy": "accuracy", "prompt_tokens": "prompt_tokens_per_request", "latency": "latency_s_per_request"}
+_METRIC_WORDS = {"accuracy": "accuracy", "prompt_tokens": "prompt tokens/request", "latency": "latency/request"}
+
+
+def check_claims(claims, results: list[dict]) -> list[dict]:
+    """Each claim against the measured table: its statement, the measured ratio or margin, and whether it holds
+    (None when a value was not measured, e.g. latency with latency_samples: 0)."""
+    by_name = {r["name"]: r for r in results}
+    out = []
+    for c in claims:
+        a, b = by_name[c.model][_METRIC_KEYS[c.metric]], by_name[c.versus][_METRIC_KEYS[c.metric]]
+        what = _METRIC_WORDS[c.metric]
+        if c.margin_at_least is not None:
+            statement = f"{c.model} {what} >= {c.versus} {'+' if c.margin_at_least >= 0 else '-'} {abs(c.margin_at_least):g}"
+            measured = None if a is None or b is None else a - b
+            holds = None if measured is None else measured >= c.margin_at_least - 1e-12
+            shown = "-" if measured is None else f"{measured:+.3f}"
+        else:
+            bound = c.ratio_at_least if c.ratio_at_least is not None else c.ratio_at_most
+            statement = f"{c.model} {what} {'>=' if c.ratio_at_least is not None else '<='} {bound:g} x {c.versus}"
+            measured = None if a is None or not b else a / b
+            if measured is None:
+                holds = None
+            elif c.ratio_at_least is not None:
+                holds = measured >= c.ratio_at_least - 1e-12
+            else:
+                holds = measured <= c.ratio_at_most + 1e-12
+            shown = "-" if measured is None else f"{measured:.3f} x"
+        out.append({"claim": statement, "model": c.model, "versus": c.versus, "metric": c.metric, "measured": measured,
+                    "holds": holds, "shown": shown, "otherwise": c.otherwise if holds is False else ""})
+    return out
+
+
+def claims_table(checked: list[dict]) -> str:
+    if not checked:
+        return ""
+    width = max(len(c["claim"]) for c in checked) + 2
+    lines = [f"{'claim':<{width}}{'measured':>12}{'holds':>7}"]
+    for c in checked:
+        verdict = {True: "yes", False: "NO", None: "-"}[c["holds"]]
+        lines.append(f"{c['claim']:<{width}}{c['shown']:>12}{verdict:>7}")
+        if c["otherwise"]:
+            lines.extend("  " + line for line in c["otherwise"].strip().splitlines())
     return "\n".join(lines)
 
 
@@ -234,7 +300,10 @@ def _plot(results: list[dict], png: Path) -> Path:
     names = [r["name"] for r in results]
     for ax, key, title in zip(axes, ("accuracy", "prompt_tokens_per_request", "latency_s_per_request"),
                               ("accuracy", "prompt tokens / request", "latency s / request"), strict=True):
-        ax.bar(names, [r[key] or 0 for r in results], color="#4c72b0")
+        yerr = None
+        if key == "accuracy":  # the 95% interval as an error bar
+            yerr = [[r["accuracy"] - r["ci95"][0] for r in results], [r["ci95"][1] - r["accuracy"] for r in results]]
+        ax.bar(names, [r[key] or 0 for r in results], color="#4c72b0", yerr=yerr, capsize=3 if yerr else 0)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
@@ -254,9 +323,12 @@ def run(cfg) -> dict:
     results = []
     for m in cfg.models:
         r = evaluate_model(m, cfg, rows)
-        print(f"[{cfg.name}] {m.name}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']})", flush=True)
+        lo, hi = r["ci95"]
+        print(f"[{cfg.name}] {m.name}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}, 95% interval {lo:.3f}-{hi:.3f}; "
+              f"{m.backend} {r['batch_wall_s']:.0f} s)", flush=True)
         results.append(r)
-    text = table(results)
+    checked = check_claims(cfg.claims, results)
+    text = table(results) + ("\n\n" + claims_table(checked) if checked else "")
     print(text, flush=True)
     best = None
     candidates = [r for r in results if r["name"] in cfg.select_best]
@@ -268,7 +340,8 @@ def run(cfg) -> dict:
             tmp.unlink()
         os.symlink(os.path.abspath(best["model"]), tmp)
         os.replace(tmp, link)
-    write_json_atomic(out / "eval.json", {"data": cfg.data, "task_type": cfg.task_type, "results": results, "best": best and best["name"]})
+    write_json_atomic(out / "eval.json", {"data": cfg.data, "task_type": cfg.task_type, "results": results, "claims": checked,
+                                          "best": best and best["name"]})
     png = _plot(results, out / "plots" / "comparison.png")
     samples = "".join(
         f"<h3>{html.escape(r['name'])}</h3><pre>"

@@ -44,9 +44,13 @@ def _file_digest(path: Path, h) -> None:
 def _input_paths(value, inside: list[Path]) -> list[Path]:
     """Existing files / dirs named in a stage config, except those inside pipeline stage outputs."""
     found: list[Path] = []
-    if isinstance(value, str) and len(value) < 4096 and ("/" in value or value.endswith((".jsonl", ".parquet"))):
+    if isinstance(value, str) and len(value) < 4096 and "\n" not in value and ("/" in value or value.endswith((".jsonl", ".parquet"))):
         p = Path(value)
-        if p.exists() and not any(p.resolve().is_relative_to(d) for d in inside):
+        try:
+            exists = p.exists()
+        except OSError:  # prose that merely contains a '/' (a name too long for a path, ...)
+            exists = False
+        if exists and not any(p.resolve().is_relative_to(d) for d in inside):
             found.append(p)
     elif isinstance(value, dict):
         for k, v in value.items():
@@ -145,8 +149,12 @@ def run(cfg) -> dict:
     write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
     print(_timing_table(timings, total), flush=True)
     result = {"pipeline": str(out / "pipeline.json"), "wall_time_s": round(total, 1)}
-    if cfg.ask is not None:
-        result.update(ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {})))
+    if cfg.ask is not None and cfg.ask.stage not in timings:
+        print(f"\nask: stage '{cfg.ask.stage}' was not selected (only: {cfg.only}); no question asked", flush=True)
+    elif cfg.ask is not None:
+        asked = ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {}), cfg.ask_file())
+        write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings, "ask": asked})
+        result.update(asked)
     for name, t in timings.items():
         for key in ("table", "report", "endpoint", "served_model", "answer"):
             if key in t.get("summary", {}):
@@ -154,16 +162,26 @@ def run(cfg) -> dict:
     return result
 
 
-def ask_deployed(ask, deploy_summary: dict) -> dict:
-    """POST one chat completion to a deploy stage's endpoint (plain HTTP, as any client would)."""
+def ask_deployed(ask, deploy_summary: dict, from_file: str | None = None) -> dict:
+    """POST one chat completion to a deploy stage's endpoint (plain HTTP, as any client would). With
+    ``from_file`` the question is that held-out file's row ``ask.row``, and the answer is checked
+    against its gold answer."""
     import urllib.request
 
     url, model = deploy_summary.get("deploy_url"), deploy_summary.get("deploy_model_name")
     if not url or not model:
         raise StageFailed(f"ask: stage '{ask.stage}' recorded no endpoint (deploy_url / deploy_model_name)")
+    question, gold = ask.question, None
+    if from_file:
+        from rayapp.evaluation import load_eval_rows
+
+        rows = load_eval_rows(from_file, None, ask.task_type)
+        if ask.row >= len(rows):
+            raise StageFailed(f"ask.row: {ask.row}, but {from_file} has {len(rows)} rows")
+        question, gold = rows[ask.row]["input_text"], rows[ask.row]["label"]
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": ask.prefix + ask.question}],
+        "messages": [{"role": "user", "content": ask.prefix + question}],
         "max_tokens": ask.max_tokens,
         "temperature": 0,
     }
@@ -171,8 +189,18 @@ def ask_deployed(ask, deploy_summary: dict) -> dict:
     req = urllib.request.Request(f"{url.rstrip('/')}/chat/completions", data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=120) as resp:
         answer = json.loads(resp.read())["choices"][0]["message"]["content"]
-    print(f"\nasked {model} at {url}:\n  Q: {ask.question}\n  A: {answer.strip()}", flush=True)
-    return {"endpoint": url, "served_model": model, "question": ask.question, "answer": answer.strip()}
+    answer = answer.strip()
+    result = {"endpoint": url, "served_model": model, "question": question, "answer": answer}
+    if gold is None:
+        print(f"\nasked {model} at {url}:\n  Q: {question}\n  A: {answer}", flush=True)
+        return result
+    from rayapp.evaluation import score_answers
+
+    scored = score_answers([{"input_text": question, "label": gold}], [answer], ask.task_type, "auto")
+    right = bool(scored["correct"])
+    print(f"\nasked {model} at {url} held-out question {ask.row} of {from_file}:\n  Q: {question}\n"
+          f"  A: {answer}    gold: {gold}    {'right' if right else 'WRONG'}", flush=True)
+    return {**result, "gold": gold, "correct": right}
 
 
 def _timing_table(timings: dict, total: float) -> str:

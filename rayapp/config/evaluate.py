@@ -1,4 +1,5 @@
-"""`kind: evaluate` — answer accuracy, prompt tokens and latency per request of several models on one held-out set."""
+"""`kind: evaluate` — answer accuracy (with its 95% interval), prompt tokens and latency per request of
+several models on one held-out set, and the claims a comparison makes about them, each checked."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import StrictModel, TaskType
+from rayapp.config.base import EngineConfig, StrictModel, TaskType
 
 
 class EvalModelConfig(StrictModel):
@@ -16,6 +17,33 @@ class EvalModelConfig(StrictModel):
     few_shot: int = Field(0, ge=0, description="Worked examples from evaluate.few_shot_file put before the question (prompting instead of tuning).")
     extract: Literal["answer", "rationale", "auto"] = Field("auto", description="Read the answer from the first line, from 'So the answer is X', or either.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy tokens generated per question.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="How the held-out answers are generated: batched transformers `generate` in the evaluate "
+                                    "process (cheap for tiny models), or a vLLM engine (evaluate.engine; worth its start-up for "
+                                    "a bigger model or long few-shot prompts). Latency per request is measured the same way "
+                                    "for every model either way.")
+
+
+Metric = Literal["accuracy", "prompt_tokens", "latency"]
+
+
+class ClaimConfig(StrictModel):
+    """One comparison the evaluation checks and prints: ``model``'s ``metric`` against ``versus``'s."""
+
+    model: str = Field(..., description="The model the claim is about (a models[].name).")
+    versus: str = Field(..., description="The model it is compared with (a models[].name).")
+    metric: Metric = Field("accuracy", description="accuracy, prompt_tokens (per request) or latency (seconds per request).")
+    ratio_at_least: float | None = Field(None, gt=0, description="Claim: model / versus >= this (e.g. 0.8 of the teacher's accuracy).")
+    ratio_at_most: float | None = Field(None, gt=0, description="Claim: model / versus <= this (e.g. 0.2 of the prompt tokens).")
+    margin_at_least: float | None = Field(None, description="Claim: model - versus >= this (e.g. 0.10 more accuracy).")
+    otherwise: str = Field("", description="Printed under the claim when it does not hold: what the numbers mean, where it does hold.")
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        bounds = [b for b in (self.ratio_at_least, self.ratio_at_most, self.margin_at_least) if b is not None]
+        if len(bounds) != 1:
+            raise ValueError("claims[]: give exactly one of ratio_at_least, ratio_at_most, margin_at_least")
+        return self
 
 
 class EvaluateJobConfig(StrictModel):
@@ -28,6 +56,8 @@ class EvaluateJobConfig(StrictModel):
     models: list[EvalModelConfig] = Field(default_factory=list, description="Models to compare.")
     latency_samples: int = Field(8, ge=0, description="Questions sent one at a time to measure latency per request.")
     select_best: list[str] = Field(default_factory=list, description="Names among which the most accurate becomes output_dir/best_model.")
+    claims: list[ClaimConfig] = Field(default_factory=list, description="Comparisons checked against the measured table and printed under it, met or not.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=512), description="The vLLM engine for models with backend: vllm.")
     output_dir: str = Field("outputs/evaluate", description="Where eval.json, report.html and best_model go.")
 
     @model_validator(mode="after")
@@ -40,6 +70,10 @@ class EvaluateJobConfig(StrictModel):
         unknown = [n for n in self.select_best if n not in names]
         if unknown:
             raise ValueError(f"select_best: {unknown} are not in models ({names})")
+        for c in self.claims:
+            missing = [n for n in (c.model, c.versus) if n not in names]
+            if missing:
+                raise ValueError(f"claims: {missing} are not in models ({names})")
         if any(m.few_shot for m in self.models) and not self.few_shot_file:
             raise ValueError("models[].few_shot is set but evaluate.few_shot_file is not; give a file of worked examples")
         return self

@@ -12,16 +12,27 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import StrictModel
+from rayapp.config.base import StrictModel, TaskType
 
 _REF = re.compile(r"\$\{stages\.([A-Za-z0-9_]+)\.output_dir\}")
 
 
 class AskConfig(StrictModel):
     stage: str = Field(..., description="A deploy stage whose endpoint gets the question.")
-    question: str = Field(..., description="Sent as a chat message once the pipeline finishes.")
+    question: str | None = Field(None, description="Sent as a chat message once the pipeline finishes (or give from_file).")
+    from_file: str | None = Field(
+        None, description="Instead of question: a held-out file of {input_text, output_text} (may name ${stages.NAME.output_dir}); "
+                          "its row `row` is asked, and the answer is printed beside the gold one and checked with task_type's matcher.")
+    row: int = Field(0, ge=0, description="Which row of from_file (0: the first).")
+    task_type: TaskType = Field("free", description="Answer matcher for from_file's gold answer (as kind: evaluate's).")
     prefix: str = Field("", description="Prepended to the question (e.g. the student's 'predict: ' task prefix).")
     max_tokens: int = Field(32, gt=0, description="Longest answer.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.question is None) == (self.from_file is None):
+            raise ValueError("ask: give exactly one of question and from_file")
+        return self
 
 
 class PipelineJobConfig(StrictModel):
@@ -66,6 +77,9 @@ class PipelineJobConfig(StrictModel):
                 problems.append(f"only: unknown stage(s) {unknown}; stages are {list(self.stages)}")
         if self.ask is not None and self.stages.get(self.ask.stage, {}).get("kind") != "deploy":
             problems.append(f"ask.stage: '{self.ask.stage}' is not a deploy stage of this pipeline")
+        if self.ask is not None and self.ask.from_file:
+            problems += [f"ask.from_file: refers to ${{stages.{ref}.output_dir}}, but there is no stage '{ref}'"
+                         for ref in _refs(self.ask.from_file) if ref not in self.stages]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -84,6 +98,12 @@ class PipelineJobConfig(StrictModel):
         if "output_dir" in fields or not fields:
             stage["output_dir"] = self.stage_output_dir(name)
         return _substitute(stage, lambda ref: self.stage_output_dir(ref) if ref in self.stages else f"${{stages.{ref}.output_dir}}")
+
+    def ask_file(self) -> str | None:
+        """ask.from_file with ${stages.X.output_dir} substituted."""
+        if self.ask is None or self.ask.from_file is None:
+            return None
+        return _substitute(self.ask.from_file, self.stage_output_dir)
 
     def dependencies(self, name: str) -> list[str]:
         return sorted(set(_refs(self.stages[name])))

@@ -1,10 +1,17 @@
-"""The main pipeline (jobs/demo.yaml) end to end at a smaller size: data -> teacher -> rationales
--> two students -> evaluation -> a served student that answers over HTTP."""
+"""The main pipeline (jobs/demo.yaml) end to end: data -> teacher -> rationales -> two students ->
+evaluation -> a served student that answers a held-out question over HTTP.
+
+``test_demo_pipeline_small`` runs it shrunk (CI): the mechanics — every stage, the table with its
+95% intervals, the claims checked against it, the closing question drawn from the held-out set and
+scored against its gold answer, every stage skipped on a re-run. ``test_demo_meets_its_numbers``
+(slow: the full demo, about 8 minutes on 2 cores) asserts what the demo shows: issue 14's numbers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,42 +21,117 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
+STAGES = ("data", "teacher", "rationales", "student_sbs", "student_std", "evaluate", "serve")
+SKIPPED = "done before with the same inputs, skipped"
 
 SMALL = [
     "stages.data.sizes.train=240", "stages.data.sizes.unlabeled=60", "stages.data.sizes.test=24",
+    "stages.teacher.model.path=tiny",
     "stages.teacher.train.max_steps=40", "stages.teacher.train.eval_every=20", "stages.teacher.train.checkpoint_every=20",
+    "stages.student_sbs.student.keep_every=2", "stages.student_std.student.keep_every=2",
     "stages.student_sbs.train.max_steps=16", "stages.student_std.train.max_steps=16",
     "stages.student_sbs.train.eval_every=8", "stages.student_std.train.eval_every=8",
+    "stages.student_sbs.train.checkpoint_every=8", "stages.student_std.train.checkpoint_every=8",
     "stages.student_sbs.evaluation.max_examples=8", "stages.student_std.evaluation.max_examples=8",
-    # The packaged SmolLM2 few-shot baseline is left out here to keep CI short; the full demo has it.
+    # The packaged SmolLM2 few-shot baseline (a vLLM engine) is left out here to keep CI short; the full demo has it.
     "stages.evaluate.models=[{name: teacher, path: '${stages.teacher.output_dir}/model', extract: rationale, max_new_tokens: 40},"
     " {name: sbs, path: '${stages.student_sbs.output_dir}/model', prefix: 'predict: ', max_new_tokens: 8},"
     " {name: std, path: '${stages.student_std.output_dir}/model', prefix: 'predict: ', max_new_tokens: 8}]",
+    "stages.evaluate.claims=[{model: sbs, versus: teacher, ratio_at_least: 0.8},"
+    " {model: sbs, versus: std, metric: latency, ratio_at_most: 10},"
+    " {model: sbs, versus: std, margin_at_least: 0.10, otherwise: 'not at this size'}]",
     "stages.evaluate.select_best=[sbs, std]", "stages.evaluate.latency_samples=2",
 ]
 
 
-def test_demo_pipeline_small(tmp_path):
-    out = tmp_path / "demo"
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path) -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp_path / "local_cluster.json")  # its own persistent head
-    args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", "stages.serve.deploy.port=18123", *SMALL]
+    return env
+
+
+def _held_out(out: Path, row: int) -> dict:
+    return json.loads((out / "data" / "test.jsonl").read_text().splitlines()[row])
+
+
+def _check_run(p, out: Path, port: int) -> tuple[dict, dict]:
+    """What every demo run shows, whatever its size. Returns (eval.json, pipeline.json)."""
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    for stage in STAGES:
+        assert (out / stage / ".stage.json").exists(), stage
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert all(s["status"] == "succeeded" for s in summary["stages"].values())
+    evaluation = json.loads((out / "evaluate" / "eval.json").read_text())
+    for r in evaluation["results"]:
+        lo, hi = r["ci95"]
+        assert lo <= r["accuracy"] <= hi and r["n"] == evaluation["results"][0]["n"]
+    assert "95% interval" in p.stdout and "claim" in p.stdout
+    for c in evaluation["claims"]:  # printed with the verdict the numbers give
+        assert c["claim"] in p.stdout
+        if c["holds"] is False and c["otherwise"]:
+            assert c["otherwise"].splitlines()[0].strip() in p.stdout
+    best = max((r for r in evaluation["results"] if r["name"] in ("sbs", "std", "student step-by-step", "student standard FT")),
+               key=lambda r: r["accuracy"])
+    assert evaluation["best"] == best["name"] and (out / "evaluate" / "best_model" / "config.json").exists()
+    assert (out / "evaluate" / "report.html").exists()
+    # The closing question is the held-out set's first row, answered over HTTP by the served student
+    # and printed beside its gold answer.
+    ask = summary["ask"]
+    first = _held_out(out, 0)
+    assert (ask["question"], ask["gold"]) == (first["input_text"], first["output_text"])
+    assert f"127.0.0.1:{port}" in ask["endpoint"]
+    assert isinstance(ask["correct"], bool) and f"gold: {first['output_text']}    {'right' if ask['correct'] else 'WRONG'}" in p.stdout
+    return evaluation, summary
+
+
+def _check_rerun_skips_everything(args, env) -> None:
+    p2 = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
+    assert p2.stdout.count(SKIPPED) == len(STAGES), p2.stdout[-3000:]
+
+
+def test_demo_pipeline_small(tmp_path):
+    out, port, env = tmp_path / "demo", _free_port(), _env(tmp_path)
+    args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", f"stages.serve.deploy.port={port}", *SMALL]
     try:
         p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2300)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-        for stage in ("data", "teacher", "rationales", "student_sbs", "student_std", "evaluate", "serve"):
-            assert (out / stage / ".stage.json").exists(), stage
-        evaluation = json.loads((out / "evaluate" / "eval.json").read_text())
+        evaluation, _ = _check_run(p, out, port)
         assert {r["name"] for r in evaluation["results"]} == {"teacher", "sbs", "std"}
-        assert evaluation["best"] in ("sbs", "std") and (out / "evaluate" / "best_model" / "config.json").exists()
-        assert (out / "evaluate" / "report.html").exists()
-        assert "A: " in p.stdout and "127.0.0.1:18123" in p.stdout  # the served student answered over HTTP
-        summary = json.loads((out / "pipeline.json").read_text())
-        assert all(s["status"] == "succeeded" for s in summary["stages"].values())
-        # A re-run skips every finished stage.
-        p2 = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-        assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
-        assert p2.stdout.count("skipped") >= 6
+        assert [c["holds"] for c in evaluation["claims"]][1] is True  # a latency ratio: both are measured
+        _check_rerun_skips_everything(args, env)
+    finally:
+        subprocess.run([*RAYAPP, "deploy", "--shutdown"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_demo_meets_its_numbers(tmp_path):
+    """`make demo` as shipped (only its output directory and port moved): the teacher answers at least
+    0.7 of >= 300 held-out questions, the step-by-step student (half the teacher's layers) reaches 0.8
+    of the teacher's accuracy, beats the few-shot SmolLM2-135M with at most a fifth of its prompt
+    tokens and a tenth of its latency, and either beats the standard student by 0.10 or the demo says
+    that it does not at this data size; the served student answers the closing held-out question right."""
+    out, port, env = tmp_path / "demo", _free_port(), _env(tmp_path)
+    args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", f"stages.serve.deploy.port={port}"]
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2300)
+        evaluation, summary = _check_run(p, out, port)
+        acc = {r["name"]: r for r in evaluation["results"]}
+        assert acc["teacher (tuned)"]["n"] >= 300
+        assert acc["teacher (tuned)"]["accuracy"] >= 0.7
+        claims = {(c["versus"], c["metric"]): c for c in evaluation["claims"] if c["model"] == "student step-by-step"}
+        for key in (("teacher (tuned)", "accuracy"), ("SmolLM2-135M 4-shot", "accuracy"),
+                    ("SmolLM2-135M 4-shot", "prompt_tokens"), ("SmolLM2-135M 4-shot", "latency")):
+            assert claims[key]["holds"] is True, claims[key]
+        versus_std = claims[("student standard FT", "accuracy")]
+        assert versus_std["holds"] or (versus_std["otherwise"] and versus_std["otherwise"].splitlines()[0].strip() in p.stdout)
+        assert summary["ask"]["correct"] is True and summary["ask"]["answer"] == summary["ask"]["gold"]
+        _check_rerun_skips_everything(args, env)
     finally:
         subprocess.run([*RAYAPP, "deploy", "--shutdown"], cwd=ROOT, env=env, capture_output=True, timeout=300)

@@ -98,3 +98,89 @@ def test_failed_stage_stops_and_keeps_finished_outputs(tmp_path, fake_recipes):
     fail.clear()
     run(load_job(_job(tmp_path)))
     assert calls == ["teacher", "student", "student"]  # teacher was not re-run
+
+
+def _ask_job(tmp_path, ask: str) -> str:
+    p = tmp_path / "ask.yaml"
+    p.write_text(f"kind: pipeline\noutput_dir: {tmp_path}/o\nstages:\n"
+                 f"  data: {{kind: dataset, sizes: {{train: 4, unlabeled: 0, test: 4}}}}\n"
+                 f"  serve: {{kind: deploy, model: tiny}}\n"
+                 f"ask: {ask}\n")
+    return str(p)
+
+
+def test_ask_takes_a_question_or_a_held_out_file_row(tmp_path):
+    cfg = load_job(_ask_job(tmp_path, "{stage: serve, from_file: '${stages.data.output_dir}/test.jsonl', row: 2, task_type: number}"))
+    assert cfg.ask_file() == f"{tmp_path}/o/data/test.jsonl"
+    with pytest.raises(ConfigError, match="exactly one of question and from_file"):
+        load_job(_ask_job(tmp_path, "{stage: serve}"))
+    with pytest.raises(ConfigError, match="no stage 'dta'"):
+        load_job(_ask_job(tmp_path, "{stage: serve, from_file: '${stages.dta.output_dir}/test.jsonl'}"))
+
+
+@pytest.mark.parametrize("served, right", [("12", True), ("-1", False)])
+def test_ask_from_a_held_out_file_prints_the_gold_answer_and_checks_it(tmp_path, capsys, served, right):
+    """The served model is asked the file's row over plain HTTP; its answer is printed beside the
+    gold one and scored with the task's matcher."""
+    import http.server
+    import threading
+
+    from rayapp.config.pipeline import AskConfig
+    from rayapp.pipeline import ask_deployed
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"choices": [{"message": {"content": f" {served}\n"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)  # any free port
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        held_out = tmp_path / "test.jsonl"
+        held_out.write_text('{"input_text": "What is 1 + 1?", "output_text": "2"}\n'
+                            '{"input_text": "What is 9 + 3?", "output_text": "12"}\n')
+        ask = AskConfig(stage="serve", from_file=str(held_out), row=1, task_type="number", prefix="predict: ")
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        result = ask_deployed(ask, {"deploy_url": url, "deploy_model_name": "m"}, str(held_out))
+    finally:
+        server.shutdown()
+    assert seen[0]["messages"] == [{"role": "user", "content": "predict: What is 9 + 3?"}]
+    assert (result["question"], result["answer"], result["gold"], result["correct"]) == ("What is 9 + 3?", served, "12", right)
+    out = capsys.readouterr().out
+    assert f"A: {served}    gold: 12    {'right' if right else 'WRONG'}" in out
+
+
+def test_ask_is_left_out_when_its_stage_is_not_selected(tmp_path, fake_recipes, capsys, monkeypatch):
+    from rayapp.pipeline import run
+
+    # A pipeline with a deploy stage starts the persistent local head unless RAY_ADDRESS names a
+    # cluster; the fake recipes need none, and no head may outlive the test.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+
+    job = _job(tmp_path, "  serve:\n    kind: deploy\n    model: \"${stages.student.output_dir}/model\"\n")
+    with open(job, "a") as f:
+        f.write("ask: {stage: serve, question: 'What is 1 + 1?'}\n")
+    run(load_job(job, ["only=[teacher]"]))
+    assert "stage 'serve' was not selected" in capsys.readouterr().out
+
+
+def test_prose_with_a_slash_is_not_taken_for_an_input_file(tmp_path):
+    """A stage field of free text (evaluate's claims[].otherwise) may contain '/' and be longer than
+    a file name may be: the fingerprint must not stat it as a path (it used to fail with ENAMETOOLONG)."""
+    from rayapp.pipeline import _input_paths
+
+    prose = "the step-by-step student leads; bench/distill_quality.py shows " + "where rationales pay " * 20
+    assert _input_paths({"note": prose, "lines": "a/b\nc/d"}, []) == []
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    assert _input_paths({"data": str(data)}, []) == [data]

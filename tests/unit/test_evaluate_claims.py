@@ -1,0 +1,73 @@
+"""`kind: evaluate`'s table gives every accuracy with its 95% Wilson interval, and its claims
+(model vs model: accuracy ratio or margin, prompt-token or latency ratio) are checked against the
+measured numbers and printed, met or not."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayapp.config.loader import ConfigError, load_job_dict
+from rayapp.evaluation import check_claims, claims_table, score_answers, table, wilson_interval
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson_interval(345, 400)
+    assert (round(lo, 3), round(hi, 3)) == (0.825, 0.893)
+    assert wilson_interval(0, 400)[0] == 0.0 and 0.0 < wilson_interval(0, 400)[1] < 0.01
+    assert wilson_interval(400, 400)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_scores_carry_the_interval():
+    res = score_answers([{"input_text": "q", "label": "1"}, {"input_text": "r", "label": "2"}], ["1", "3"], "number")
+    assert res["accuracy"] == 0.5 and res["ci95"] == list(wilson_interval(1, 2))
+
+
+def _results():
+    def r(name, k, tok, lat):
+        return {"name": name, "accuracy": k / 400, "correct": k, "n": 400, "ci95": list(wilson_interval(k, 400)),
+                "prompt_tokens_per_request": tok, "latency_s_per_request": lat}
+
+    return [r("teacher", 340, 19.0, 0.02), r("sbs", 290, 23.0, 0.004), r("std", 330, 23.0, 0.004), r("few-shot", 12, 184.0, 0.8)]
+
+
+def _cfg(claims):
+    return load_job_dict({"kind": "evaluate", "models": [{"name": n, "path": "tiny"} for n in ("teacher", "sbs", "std", "few-shot")],
+                          "claims": claims})
+
+
+def test_claims_are_checked_against_the_table_met_or_not():
+    cfg = _cfg([
+        {"model": "sbs", "versus": "teacher", "ratio_at_least": 0.8},
+        {"model": "sbs", "versus": "std", "margin_at_least": 0.10, "otherwise": "not at this data size"},
+        {"model": "sbs", "versus": "few-shot", "metric": "prompt_tokens", "ratio_at_most": 0.2},
+        {"model": "sbs", "versus": "few-shot", "metric": "latency", "ratio_at_most": 0.1},
+    ])
+    checked = check_claims(cfg.claims, _results())
+    assert [c["holds"] for c in checked] == [True, False, True, True]
+    assert checked[0]["measured"] == pytest.approx(290 / 340)
+    assert checked[1]["measured"] == pytest.approx(-0.1)
+    text = claims_table(checked)
+    assert "sbs accuracy >= std + 0.1" in text and "NO" in text and "not at this data size" in text
+    assert "sbs prompt tokens/request <= 0.2 x few-shot" in text
+
+
+def test_unmeasured_latency_is_neither_met_nor_failed():
+    results = _results()
+    for r in results:
+        r["latency_s_per_request"] = None
+    checked = check_claims(_cfg([{"model": "sbs", "versus": "few-shot", "metric": "latency", "ratio_at_most": 0.1}]).claims, results)
+    assert checked[0]["holds"] is None
+
+
+def test_table_shows_each_interval():
+    text = table(_results())
+    assert "held-out questions: 400" in text and "95% interval" in text
+    assert "[0.812, 0.882]" in text  # teacher: 340/400
+
+
+def test_claims_name_known_models_and_one_bound():
+    with pytest.raises(ConfigError, match="not in models"):
+        _cfg([{"model": "sbs", "versus": "nobody", "ratio_at_least": 0.8}])
+    with pytest.raises(ConfigError, match="exactly one of"):
+        _cfg([{"model": "sbs", "versus": "std", "ratio_at_least": 0.8, "margin_at_least": 0.1}])
