@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,16 +59,26 @@ def test_run_sft_tiny_writes_every_output(tmp_path):
     assert "report:" in p.stdout
 
 
+def _registered(snapshot) -> list[str]:
+    try:
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "out"
     args = [*RAYAPP, "run", "jobs/sft_tiny.yaml", f"output_dir={out}", "train.max_steps=40", "train.checkpoint_every=4", "train.eval_every=100"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
+        # Kill once Ray Train has registered a checkpoint: a step_* directory alone may be an
+        # upload the controller never recorded, which a resumed run rightly does not trust.
+        snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 600
-        while time.time() < deadline and not list((out / "checkpoints").glob("step_*")):
+        while time.time() < deadline and not _registered(snapshot):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(1)
-        assert list((out / "checkpoints").glob("step_*")), "no checkpoint appeared"
+            time.sleep(0.5)
+        assert _registered(snapshot), "no checkpoint was registered"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
