@@ -38,6 +38,7 @@ smallest N, "target": 1.0, ...}), bench/results/distill_quality.png and distill_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -136,7 +137,10 @@ def teacher_label(teacher_dir: Path, rows: list[dict], work: Path) -> tuple[list
         "output_dir": str(work / "labels"),
     })
     # stats["seconds"]: the generation that wrote the cache, also when this call reused it.
-    return teacher_rationales(cfg, [{"input_text": r["input_text"]} for r in rows], work / "labels", "student pool")
+    outputs, stats = teacher_rationales(cfg, [{"input_text": r["input_text"]} for r in rows], work / "labels", "student pool")
+    # TeacherOutput rows as the teacher-output file format (what the students' jobs read)
+    return [{"input_text": o.input_text, "label": o.label, "rationale": o.rationale, "teacher": dataclasses.asdict(o.teacher)}
+            for o in outputs], stats
 
 
 # name -> (rationale_weight, explain_target, label in the table and plot)

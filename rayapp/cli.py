@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if is_user_error(e) and not args.verbose:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not args.verbose:
+            print(f"error: no space left on device writing {e.filename or 'an output'}: free space there, or "
+                  "set output_dir to a filesystem with room", file=sys.stderr)
             return 1
         raise
 

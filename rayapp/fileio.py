@@ -25,8 +25,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # a write that failed (a full disk) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -36,12 +39,17 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
 
 def replace_dir_atomic(out: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` fills a fresh sibling directory, which then replaces ``out`` (the old one, if
-    any, is moved aside first and removed last). Returns ``out``."""
+    any, is moved aside first and removed last); if ``write`` fails, the sibling is removed and
+    ``out`` is left as it was. Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a write that failed (a full disk) leaves no half directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)

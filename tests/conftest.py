@@ -106,3 +106,20 @@ def private_head(tmp_path_factory):
         yield head
     finally:
         head.stop()
+
+
+_TIER = {"unit": 0, "integration": 1, "e2e": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unit tests first (a unit failure shows in the first minute, not after the integration
+    tests), then integration, then end-to-end; each test under tests/integration/ carries the
+    ``integration`` marker whether or not its file says so."""
+    def tier(item) -> int:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        return _TIER.get(parts[1], 1) if len(parts) > 2 and parts[0] == "tests" else 1
+
+    for item in items:
+        if tier(item) == 1 and "/tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=tier)  # stable: each module's tests keep their order

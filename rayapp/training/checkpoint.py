@@ -16,6 +16,13 @@ Every rank writes into a local temporary directory of its own and reports it to 
 copies all of them into the one checkpoint directory under ``output_dir/checkpoints/`` (the file
 names never collide); a single process copies it with the LocalReporter. Loading reads that
 directory on every rank; DCP reshards, so a checkpoint written by N workers resumes on M.
+
+A checkpoint can be damaged on disk (a copy cut short by a full disk or a killed process, a file
+truncated by hand). Before resuming, :func:`select_checkpoint` checks the reporter's candidates
+newest first (:func:`checkpoint_problem`: every file complete) and takes the first good one, with
+a warning naming each bad one it passed. The check reads only the files, so every rank that sees
+the same files picks the same checkpoint, as FSDP2's collective load requires, without talking to
+the others.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +42,85 @@ FORMAT = "rayapp-ckpt-v3"  # v3: DCP shards + state.pt; v2 kept full state dicts
 
 class CheckpointFormatError(RuntimeError):
     pass
+
+
+class CheckpointUnreadable(RuntimeError):
+    """Every checkpoint there is is damaged: nothing to resume from."""
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be resumed from, or None when all its files are
+    complete: meta.json parses and names a step; DCP's ``.metadata`` unpickles and every shard file
+    it lists is there and as long as the byte ranges it records; state.pt is a complete zip archive
+    whose members pass their CRC checks. A format from another rayapp version is not a problem here:
+    :func:`load_checkpoint` says what to do about it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            return "meta.json names no step"
+    except (OSError, ValueError) as e:
+        return f"meta.json: {e}"
+    if meta.get("format") != FORMAT:
+        return None
+    if not (path / ".metadata").is_file():
+        return "no .metadata"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated pickle raises EOFError, UnpicklingError, ...
+        return f".metadata: {type(e).__name__}: {e}"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            return f"shard {name} is missing"
+        if f.stat().st_size < size:
+            return f"shard {name} has {f.stat().st_size} bytes, .metadata expects at least {size}"
+    try:
+        with zipfile.ZipFile(path / "state.pt") as z:
+            bad = z.testzip()
+        if bad is not None:
+            return f"state.pt: {bad} fails its CRC check"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"state.pt: {e}"
+    return None
+
+
+@dataclass
+class Chosen:
+    """What :func:`select_checkpoint` picked: its name, its local directory, and the damaged newer
+    checkpoints it passed as (name, reason)."""
+
+    name: str
+    path: str
+    passed: list[tuple[str, str]]
+
+
+def select_checkpoint(candidates: Iterable[tuple[str, str]], warn: Callable[[str], None] | None = None) -> Chosen | None:
+    """The first complete checkpoint of ``candidates``, (name, local directory) pairs newest first
+    (taken one at a time: a checkpoint at a URI is downloaded only when its turn comes), or None
+    when there are none. Each damaged one passed is named in a warning:
+    ``checkpoint <name> is unreadable (<reason>); resuming from <older>``. Raises
+    :class:`CheckpointUnreadable` when there are checkpoints but none is complete."""
+    bad: list[tuple[str, str]] = []
+    for name, local in candidates:
+        problem = checkpoint_problem(local)
+        if problem is None:
+            for b, why in bad:
+                if warn is not None:
+                    warn(f"checkpoint {b} is unreadable ({why}); resuming from {name}")
+            return Chosen(name, local, bad)
+        bad.append((name, problem))
+    if bad:
+        listed = "; ".join(f"{b} ({why})" for b, why in bad)
+        raise CheckpointUnreadable(
+            f"no checkpoint to resume from is readable: {listed}. Remove {Path(bad[0][0]).parent} to start over, "
+            "or train into a new output_dir")
+    return None
 
 
 def save_checkpoint(model, optimizer, step: int, optimizer_steps: int, extra_modules: dict | None, rank: int,

@@ -21,11 +21,15 @@ checkpoints under the output store's local directory (benches, notebooks, tests)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +52,9 @@ class RayReporter:
 
     def __init__(self):
         self._latest: str | None = None
-        self._downloaded = False
+        self._chosen = False
+        self._downloaded: list[str] = []  # local copies of checkpoints at a URI, removed after the next report
+        self._unreadable: set[str] = set()  # names of damaged checkpoint directories, never reused
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -57,32 +63,76 @@ class RayReporter:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=f"step_{metrics['step']:06d}",
+                checkpoint_dir_name=self._dir_name(metrics["step"]),
             )
         else:
             ray.train.report(metrics)
-        if self._downloaded and self._latest:
-            # Loaded by now on every rank: report is a barrier. Ranks on one node share the copy.
-            shutil.rmtree(self._latest, ignore_errors=True)
-            self._downloaded = False
+        # Loaded by now on every rank: report is a barrier. Ranks on one node share the copy.
+        for d in self._downloaded:
+            shutil.rmtree(d, ignore_errors=True)
+        self._downloaded = []
 
-    def latest_checkpoint(self) -> str | None:
-        """The latest registered checkpoint as a local directory: in place when the output store is a
-        local filesystem (a path or a shared mount), else downloaded once per node (removed after
-        the next report)."""
+    def _dir_name(self, step: int) -> str:
+        """``step_NNNNNN``; ``step_NNNNNN_K`` when a damaged checkpoint still holds that name (Ray
+        Train's snapshot lists it, and pruning it later would delete the new one's files)."""
+        name, k = f"step_{step:06d}", 1
+        while name in self._unreadable:
+            name, k = f"step_{step:06d}_{k}", k + 1
+        return name
+
+    def checkpoint_candidates(self):
+        """(name, local directory) of the latest registered checkpoint, then of the older step_*
+        directories beside it that have a meta.json, newest first (Ray Train keeps
+        ``train.keep_checkpoints`` of them). A local filesystem (a path or a shared mount) is read in
+        place; a checkpoint at a URI is downloaded when its turn comes."""
         import pyarrow.fs
         import ray.train
 
-        if self._latest is not None:
-            return self._latest
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
-        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
-            self._latest = ckpt.path
-        else:
-            self._latest, self._downloaded = ckpt.to_directory(), True
+            return
+        fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
+        local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+
+        def fetch(p: str) -> str:
+            if local:
+                return p
+            d = ray.train.Checkpoint(p, filesystem=fs).to_directory()
+            self._downloaded.append(d)
+            return d
+
+        yield (path if local else f"{ckpt.filesystem.type_name}://{path}"), fetch(path)
+        parent, newest = path.rsplit("/", 1)
+        older = []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent)):
+            if info.type == pyarrow.fs.FileType.Directory and _step_key(info.base_name) < _step_key(newest):
+                if fs.get_file_info(f"{info.path}/meta.json").type != pyarrow.fs.FileType.NotFound:
+                    older.append(info.path)
+        for p in sorted(older, key=lambda p: _step_key(p.rsplit("/", 1)[1]), reverse=True):
+            yield (p if local else f"{fs.type_name}://{p}"), fetch(p)
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest complete checkpoint as a local directory (see :meth:`checkpoint_candidates`);
+        damaged newer ones are passed with a warning from rank 0. Every rank checks the same files,
+        so every rank picks the same one. Chosen once per run of the worker group."""
+        import ray.train
+
+        from rayapp.training.checkpoint import select_checkpoint
+
+        if self._chosen:
+            return self._latest
+        rank = ray.train.get_context().get_world_rank()
+        chosen = select_checkpoint(self.checkpoint_candidates(),
+                                   warn=(lambda m: print(f"WARNING: {m}", file=sys.stderr, flush=True)) if rank == 0 else None)
+        self._latest, self._chosen = (chosen.path if chosen else None), True
+        self._unreadable = {name.rstrip("/").rsplit("/", 1)[-1] for name, _ in (chosen.passed if chosen else [])}
         return self._latest
+
+
+def _step_key(name: str) -> tuple[int, int]:
+    """Orders ``step_NNNNNN`` and ``step_NNNNNN_K`` directory names; anything else sorts first."""
+    m = re.fullmatch(r"step_(\d+)(?:_(\d+))?", name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
 
 
 @dataclass
@@ -208,7 +258,7 @@ def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -
         try:
             worker_fn({"job": job, "payload": payload, "store": store, "reporter": reporter})
         except Exception as e:
-            raise _failed(cfg, e, str(reporter.root)) from e
+            raise _failed(cfg, e, str(reporter.root), store) from e
         return dict(reporter.history[-1]) if reporter.history else {}
     from rayapp.runtime import check_resources, ensure_ray
 
@@ -250,13 +300,67 @@ def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # Ray Train v2 raises the workers' error instead of returning it
-        raise _failed(cfg, e, checkpoints) from e
+        remove_unregistered_checkpoints(store)
+        raise _failed(cfg, e, checkpoints, store) from e
     if result.error is not None:
-        raise _failed(cfg, result.error, checkpoints) from result.error
+        remove_unregistered_checkpoints(store)
+        raise _failed(cfg, result.error, checkpoints, store) from result.error
     return dict(result.metrics or {})
 
 
-def _failed(cfg, error: BaseException, checkpoints: str) -> TrainingFailed:
+def remove_unregistered_checkpoints(store) -> list[str]:
+    """After a failed run (its workers gone): remove the step_* directories under
+    output_dir/checkpoints that Ray Train's snapshot does not list. Those are uploads that did not
+    finish (a full disk, a lost worker): some rank's files may be cut short or missing while
+    another rank's meta.json is there. Nothing is removed when the snapshot cannot be read.
+    Returns the directories removed."""
+    import pyarrow.fs
+
+    base = f"{store.root.rstrip('/')}/{CHECKPOINT_RUN_NAME}"
+    try:
+        with store.fs.open_input_stream(f"{base}/checkpoint_manager_snapshot.json") as f:
+            snapshot = json.loads(f.read().decode())
+        registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    except FileNotFoundError:
+        registered = set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    removed = []
+    try:
+        for info in store.fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
+            if info.type == pyarrow.fs.FileType.Directory and _step_key(info.base_name) >= (0, 0) \
+                    and info.base_name not in registered:
+                store.fs.delete_dir(info.path)
+                removed.append(info.path)
+    except OSError:
+        pass
+    return removed
+
+
+def _no_space(error: BaseException) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _failed(cfg, error: BaseException, checkpoints: str, store=None) -> TrainingFailed:
+    if _no_space(error):
+        where = store.uri if store is not None else cfg.output_dir
+        free = ""
+        if store is not None and not store.remote:
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(store.root)
+                free = f" ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB)"
+        line = next((ln.strip() for ln in str(error).splitlines() if "No space left on device" in ln), str(error))
+        return TrainingFailed(
+            f"job '{cfg.name}' failed: no space left on device under output_dir {where}{free}: {line}\n"
+            f"  free space there, or set output_dir to a filesystem with room for train.keep_checkpoints="
+            f"{cfg.train.keep_checkpoints} checkpoints and the model; then re-run the job: it resumes from the "
+            f"latest complete checkpoint in {checkpoints} (unfinished ones were removed)"
+        )
     return TrainingFailed(
         f"job '{cfg.name}' failed in the training workers: {type(error).__name__}: {error}\n"
         f"  checkpoints so far are in {checkpoints}; re-running the job resumes from the latest"

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from rayapp.algorithms.sft import response_mask
-from rayapp.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
+from rayapp.training.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, truncate_metrics
 from rayapp.training.parallel import clip_grad_norm
 
 if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py runs it with torch + transformers only
@@ -51,7 +51,9 @@ class LossParts:
 
 class Reporter(Protocol):
     """Where the loop's checkpoints go. ``report`` is called by every rank at every checkpoint with
-    the directory that rank wrote (its shard); ``keeps_checkpoints`` False skips writing them."""
+    the directory that rank wrote (its shard); ``keeps_checkpoints`` False skips writing them.
+    ``latest_checkpoint`` is the newest *complete* checkpoint as a local directory (damaged newer
+    ones are passed with a warning: :func:`rayapp.training.checkpoint.select_checkpoint`)."""
 
     keeps_checkpoints: bool
 
@@ -66,6 +68,7 @@ class LocalReporter:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root else None
         self.history: list[dict] = []
+        self._latest = None  # the checkpoint chosen since the last report
 
     @property
     def keeps_checkpoints(self) -> bool:
@@ -73,15 +76,34 @@ class LocalReporter:
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.history.append(metrics)
+        self._latest = None
         if checkpoint_dir and self.root:
             # Every rank of a process group reports its own shard files: merged, as Ray Train does.
-            shutil.copytree(checkpoint_dir, self.root / f"step_{metrics['step']:06d}", dirs_exist_ok=True)
+            # meta.json (rank 0's) goes last: a copy cut short is never taken for a checkpoint.
+            # A copy that fails (a full disk) is removed: no half checkpoint is left behind.
+            dest = self.root / f"step_{metrics['step']:06d}"
+            try:
+                shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True, ignore=lambda d, names: ["meta.json"])
+                if os.path.exists(os.path.join(checkpoint_dir, "meta.json")):
+                    shutil.copy2(os.path.join(checkpoint_dir, "meta.json"), dest / "meta.json")
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+
+    def checkpoint_candidates(self) -> list[str]:
+        """The step_* directories under ``root`` with a meta.json, newest first."""
+        if not self.root or not self.root.exists():
+            return []
+        return [str(p) for p in sorted(self.root.glob("step_*"), reverse=True) if (p / "meta.json").exists()]
 
     def latest_checkpoint(self) -> str | None:
-        if not self.root or not self.root.exists():
-            return None
-        steps = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").exists())
-        return str(steps[-1]) if steps else None
+        """The newest complete checkpoint under ``root`` (damaged newer ones are passed with a
+        warning from rank 0)."""
+        if self._latest is None:
+            rank = rank_world()[0]
+            self._latest = select_checkpoint(((p, p) for p in self.checkpoint_candidates()),
+                                             warn=(lambda m: print(f"WARNING: {m}", file=sys.stderr, flush=True)) if rank == 0 else None)
+        return self._latest.path if self._latest else None
 
 
 @dataclass

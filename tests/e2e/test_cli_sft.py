@@ -71,7 +71,15 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = {int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")}
+    # Workers of the killed run can outlive its driver for a moment and still register a
+    # checkpoint: take the set once it has stopped changing.
+    done, stable_since = set(), time.time()
+    while time.time() - stable_since < 15:
+        now = {int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")}
+        if now != done:
+            done, stable_since = now, time.time()
+        time.sleep(1)
+    assert max(done) < 40 and not (out / "model").exists(), f"the kill landed after the run ended: checkpoints {sorted(done)}"
     p = subprocess.run([*args[:-3], "train.max_steps=40", "train.checkpoint_every=4", "train.eval_every=100"],
                        capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -45,14 +45,18 @@ def tuned_teacher(tmp_path_factory) -> Path:
     from rayapp.training.loop import LocalReporter, count_supervised, fit
     from rayapp.training.sft import sft_loss
 
-    torch.set_num_threads(1)  # far faster than 2 threads on a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than 2 threads on a busy 2-core machine (restored below)
     tok = load_tokenizer(resolve_model("tiny"))
     model = load_causal_lm(resolve_model("tiny"))
     data = load_sft_dataset(ROOT / "data/sft_tiny/train.jsonl", tok, None, 64)
-    fit(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), train_items=data.examples, val_items=None,
-        collate=lambda it: collate_sft(it, tok.pad_token_id), count_fn=count_supervised, loss_fn=sft_loss,
-        cfg=TrainConfig(max_steps=TEACHER_STEPS, global_batch_size=16, micro_batch_size=16, learning_rate=3e-3, checkpoint_every=10_000, log_every=50),
-        micro_batch_size=16, reporter=LocalReporter())
+    try:
+        fit(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), train_items=data.examples, val_items=None,
+            collate=lambda it: collate_sft(it, tok.pad_token_id), count_fn=count_supervised, loss_fn=sft_loss,
+            cfg=TrainConfig(max_steps=TEACHER_STEPS, global_batch_size=16, micro_batch_size=16, learning_rate=3e-3, checkpoint_every=10_000, log_every=50),
+            micro_batch_size=16, reporter=LocalReporter())
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session keeps its own setting
     return save_model_atomic(model, tok, tmp_path_factory.mktemp("teacher") / "model")
 
 

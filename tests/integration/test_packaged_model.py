@@ -20,7 +20,9 @@ def test_smollm2_converts_to_safetensors_and_generates():
     config = json.loads((path / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     assert "quantization_config" not in config
-    assert resolve_model("smollm2-135m-instruct") == path  # cached: converted once
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("smollm2-135m-instruct") == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights  # cached: not converted again
     model = AutoModelForCausalLM.from_pretrained(path)
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     tok = load_tokenizer(str(path))
