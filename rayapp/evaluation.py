@@ -191,6 +191,7 @@ def _prompt_fn(m, cfg):
 def evaluate_model(m, cfg, rows: list[dict]) -> dict:
     from rayapp.models.io import load_tokenizer, resolve_model
 
+    rows = rows[: m.max_examples] if m.max_examples else rows
     path = str(resolve_model(m.path))
     prompt_fn = _prompt_fn(m, cfg)
     t0 = time.perf_counter()
@@ -234,13 +235,14 @@ def validate(cfg) -> str:
 
 def table(results: list[dict]) -> str:
     width = max([22, *(len(r["name"]) + 2 for r in results)])
-    ns = sorted({r["n"] for r in results})
-    lines = [f"held-out questions: {', '.join(map(str, ns))}; accuracy with its 95% (Wilson) interval",
-             f"{'model':<{width}}{'accuracy':>9}{'95% interval':>16}{'prompt tok/req':>16}{'latency s/req':>15}"]
+    lines = [f"held-out questions: {max(r['n'] for r in results)} (n: how many each model answered); "
+             "accuracy with its 95% (Wilson) interval",
+             f"{'model':<{width}}{'n':>5}{'accuracy':>9}{'95% interval':>16}{'prompt tok/req':>16}{'latency s/req':>15}"]
     for r in results:
         lat = f"{r['latency_s_per_request']:.3f}" if r["latency_s_per_request"] is not None else "-"
         lo, hi = r["ci95"]
-        lines.append(f"{r['name']:<{width}}{r['accuracy']:>9.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{r['prompt_tokens_per_request']:>16.1f}{lat:>15}")
+        lines.append(f"{r['name']:<{width}}{r['n']:>5}{r['accuracy']:>9.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}"
+                     f"{r['prompt_tokens_per_request']:>16.1f}{lat:>15}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,9 @@ class EvalModelConfig(StrictModel):
     few_shot: int = Field(0, ge=0, description="Worked examples from evaluate.few_shot_file put before the question (prompting instead of tuning).")
     extract: Literal["answer", "rationale", "auto"] = Field("auto", description="Read the answer from the first line, from 'So the answer is X', or either.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy tokens generated per question.")
+    max_examples: int | None = Field(
+        None, gt=0, description="Answer only the first N held-out questions (a costly baseline); the table shows each model's n "
+                                "and its interval widens accordingly. Default: every question (evaluate.max_examples).")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="How the held-out answers are generated: batched transformers `generate` in the evaluate "
                                     "process (cheap for tiny models), or a vLLM engine (evaluate.engine; worth its start-up for "

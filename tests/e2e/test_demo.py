@@ -71,7 +71,7 @@ def _check_run(p, out: Path, port: int) -> tuple[dict, dict]:
     evaluation = json.loads((out / "evaluate" / "eval.json").read_text())
     for r in evaluation["results"]:
         lo, hi = r["ci95"]
-        assert lo <= r["accuracy"] <= hi and r["n"] == evaluation["results"][0]["n"]
+        assert lo <= r["accuracy"] <= hi and r["n"] > 0
     assert "95% interval" in p.stdout and "claim" in p.stdout
     for c in evaluation["claims"]:  # printed with the verdict the numbers give
         assert c["claim"] in p.stdout
@@ -113,17 +113,18 @@ def test_demo_pipeline_small(tmp_path):
 @pytest.mark.slow
 def test_demo_meets_its_numbers(tmp_path):
     """`make demo` as shipped (only its output directory and port moved): the teacher answers at least
-    0.7 of >= 300 held-out questions, the step-by-step student (half the teacher's layers) reaches 0.8
-    of the teacher's accuracy, beats the few-shot SmolLM2-135M with at most a fifth of its prompt
-    tokens and a tenth of its latency, and either beats the standard student by 0.10 or the demo says
-    that it does not at this data size; the served student answers the closing held-out question right."""
+    0.7 of >= 300 held-out questions (the few-shot baseline answers the first 100); the step-by-step
+    student (half the teacher's layers) reaches 0.8 of the teacher's accuracy and beats the few-shot
+    SmolLM2-135M with at most a fifth of its prompt tokens and a tenth of its latency; it either beats
+    the standard student by 0.10 or the demo says that it does not at this data size; the served
+    student answers the closing held-out question right."""
     out, port, env = tmp_path / "demo", _free_port(), _env(tmp_path)
     args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", f"stages.serve.deploy.port={port}"]
     try:
         p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2300)
         evaluation, summary = _check_run(p, out, port)
         acc = {r["name"]: r for r in evaluation["results"]}
-        assert acc["teacher (tuned)"]["n"] >= 300
+        assert all(acc[name]["n"] >= 300 for name in ("teacher (tuned)", "student step-by-step", "student standard FT"))
         assert acc["teacher (tuned)"]["accuracy"] >= 0.7
         claims = {(c["versus"], c["metric"]): c for c in evaluation["claims"] if c["model"] == "student step-by-step"}
         for key in (("teacher (tuned)", "accuracy"), ("SmolLM2-135M 4-shot", "accuracy"),

@@ -63,6 +63,7 @@ def test_unmeasured_latency_is_neither_met_nor_failed():
 def test_table_shows_each_interval():
     text = table(_results())
     assert "held-out questions: 400" in text and "95% interval" in text
+    assert [line.split()[1] for line in text.splitlines()[2:]] == ["400"] * 4
     assert "[0.812, 0.882]" in text  # teacher: 340/400
 
 
@@ -71,3 +72,18 @@ def test_claims_name_known_models_and_one_bound():
         _cfg([{"model": "sbs", "versus": "nobody", "ratio_at_least": 0.8}])
     with pytest.raises(ConfigError, match="exactly one of"):
         _cfg([{"model": "sbs", "versus": "std", "ratio_at_least": 0.8, "margin_at_least": 0.1}])
+
+
+def test_a_model_may_answer_only_the_first_questions(tmp_path, monkeypatch):
+    """models[].max_examples: a costly baseline answers the first N held-out questions; its n is its own."""
+    import rayapp.evaluation as ev
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(f'{{"input_text": "What is {i} + 1?", "output_text": "{i + 1}"}}\n' for i in range(10)))
+    cfg = load_job_dict({"kind": "evaluate", "data": str(data), "task_type": "number", "latency_samples": 0,
+                         "models": [{"name": "all", "path": "tiny"}, {"name": "first4", "path": "tiny", "max_examples": 4}]})
+    monkeypatch.setattr(ev, "evaluate_answers", lambda path, rows, **kw: ev.score_answers(rows, [r["label"] for r in rows], "number"))
+    rows = ev.load_eval_rows(cfg.data, None, cfg.task_type)
+    results = [ev.evaluate_model(m, cfg, rows) for m in cfg.models]
+    assert [(r["n"], r["accuracy"]) for r in results] == [(10, 1.0), (4, 1.0)]
+    assert results[1]["ci95"] == list(wilson_interval(4, 4))
