@@ -15,10 +15,10 @@ EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli", "rayapp.tr
 
 
 def _cmd_run(args) -> int:
-    from rayapp.kinds import recipe
+    from rayapp import kinds
 
     cfg = load_job(args.job, args.overrides)
-    summary = recipe(cfg.kind).run(cfg)
+    summary = kinds.run(cfg)
     if isinstance(summary, dict):
         for key, value in summary.items():
             print(f"{key}: {value}")

@@ -1,7 +1,7 @@
 """The one table of job kinds: ``kind:`` -> (its typed config, the module that runs it).
 
 Every recipe module exposes ``run(cfg) -> dict`` (a short summary of what it wrote, printed by
-``rayapp run``) and ``validate(cfg) -> str`` (config and data checks without running, returning
+``rayapp run``; :func:`run` calls it inside the job's experiment trackers) and ``validate(cfg) -> str`` (config and data checks without running, returning
 the stats text ``rayapp validate`` prints). Both sides are named as strings and imported only
 when that kind is loaded or run, so ``import rayapp.config`` stays light.
 """
@@ -48,3 +48,17 @@ def recipe(kind: str) -> ModuleType:
     if kind not in KINDS:
         raise KeyError(f"no recipe for job kind '{kind}'")
     return importlib.import_module(KINDS[kind].recipe)
+
+
+def run(cfg) -> dict:
+    """Run a job with its recipe. A job that names experiment trackers (``report_to``, training
+    kinds) runs inside them: metrics.jsonl is followed while it trains, the resolved config is the
+    runs' parameters, and report.html and eval.json are stored at the end (rayapp.tracking)."""
+    module = recipe(cfg.kind)
+    if not getattr(cfg, "report_to", None):
+        return module.run(cfg)
+    from rayapp.tracking import check_report_to, track_job
+
+    check_report_to(cfg.report_to)
+    with track_job(cfg):
+        return module.run(cfg)

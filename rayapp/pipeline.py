@@ -126,7 +126,7 @@ def run(cfg) -> dict:
         print(f"{header}{'=' * max(0, 60 - len(header))}", flush=True)
         t0 = time.perf_counter()
         try:
-            summary = kinds.recipe(stage_cfg.kind).run(stage_cfg) or {}
+            summary = kinds.run(stage_cfg) or {}
         except Exception as e:
             wall = time.perf_counter() - t0
             timings[name] = {"kind": stage_cfg.kind, "status": "failed", "wall_s": round(wall, 1), "error": str(e)}

@@ -50,8 +50,7 @@ def _report_to_list(value):
     return value
 
 
-# Experiment trackers a training job reports to (rayapp/tracking.py). For a training config:
-#     report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_DESCRIPTION)
+# Experiment trackers a training job reports to (rayapp/tracking.py; TrainingJobConfig.report_to).
 TaskType = Literal["free", "choice", "yesno", "number"]  # the names rayapp.teachers.templates.TASK_TYPES knows
 
 ReportTo = Annotated[list[Literal["tensorboard", "mlflow", "wandb"]], BeforeValidator(_report_to_list)]

@@ -6,10 +6,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rayapp.config.base import (
+    REPORT_TO_DESCRIPTION,
     AdapterConfig,
     DataConfig,
     DeployConfig,
     ModelConfig,
+    ReportTo,
     ResourcesConfig,
     StrictModel,
     TrainConfig,
@@ -28,6 +30,7 @@ class TrainingJobConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray Train workers and devices.")
     output_dir: str = Field("outputs/job", description="Where the job writes model/, checkpoints/, metrics.jsonl, report.html.")
     deploy: DeployConfig = Field(default_factory=DeployConfig, description="Serve the result when the job succeeds.")
+    report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check_batch(self):
@@ -40,6 +43,12 @@ class TrainingJobConfig(StrictModel):
                 f"gradient accumulation is derived from the three"
             )
         check_precision(self.model, t, r.use_gpu)
+        if self.report_to and "://" in self.output_dir:
+            raise ValueError(
+                f"report_to: {self.report_to} needs output_dir on a local path or a shared mount (the driver follows "
+                f"output_dir/metrics.jsonl while training runs); {self.output_dir} is a URI: use a mount, or run "
+                f"`rayapp track DIR --to ...` on a copy of the job's output afterwards"
+            )
         if self.data.validation_split and self.data.validation:
             raise ValueError("data.validation and data.validation_split are both set; give a validation file or a split, not both")
         return self

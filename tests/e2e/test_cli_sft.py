@@ -47,16 +47,42 @@ def test_validate_prints_dataset_stats():
     assert "config ok" in p.stdout and "examples" in p.stdout
 
 
-def test_run_sft_tiny_writes_every_output(tmp_path):
+def test_run_sft_tiny_writes_every_output(tmp_path, monkeypatch):
+    """Every output, and every metrics.jsonl series in each experiment tracker the job names,
+    read back with the tracker's own reader (MLflow and W&B write into output_dir here)."""
+    from tests.unit.test_tracking import mlflow_run, tensorboard_scalars, wandb_runs
+
     out = tmp_path / "out"
+    env = {k: v for k, v in _env(tmp_path).items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    env.update(NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))
     p = subprocess.run(
-        [*RAYAPP, "run", "jobs/sft_tiny.yaml", f"output_dir={out}", "train.max_steps=6"],
-        capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=900,
+        [*RAYAPP, "run", "jobs/sft_tiny.yaml", f"output_dir={out}", "train.max_steps=6", "train.eval_every=3",
+         "report_to=[tensorboard, mlflow, wandb]"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for name in ("config.resolved.yaml", "metrics.jsonl", "checkpoints", "model/config.json", "model/model.safetensors", "eval.json", "report.html"):
         assert (out / name).exists(), name
     assert "report:" in p.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    losses = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    vals = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r and r["step"] > 0]
+    assert [s for s, _ in losses] == list(range(1, 7)) and vals
+    scalars, config_text = tensorboard_scalars(out)
+    assert [s for s, _ in scalars["loss"]] == [s for s, _ in losses]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([v for _, v in losses], rel=1e-6)
+    assert "learning_rate" in config_text
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as rayapp sets it for its file store
+    run, client = mlflow_run(out)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [s for s, _ in vals]
+    assert [m.value for m in history] == pytest.approx([v for _, v in vals], rel=1e-6)
+    assert run.data.params["train.max_steps"] == "6" and run.info.status == "FINISHED"
+    assert {"report.html", "eval.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    (wandb,) = wandb_runs(out)
+    assert [h["loss"] for h in wandb["history"] if "loss" in h] == pytest.approx([v for _, v in losses], rel=1e-6)
+    assert wandb["exit_code"] == 0
 
 
 def _registered(snapshot) -> list[str]:

@@ -87,6 +87,7 @@ def _check_run(p, out: Path, port: int) -> tuple[dict, dict]:
     first = _held_out(out, 0)
     assert (ask["question"], ask["gold"]) == (first["input_text"], first["output_text"])
     assert f"127.0.0.1:{port}" in ask["endpoint"]
+    assert ask["answer"].strip(), "the served student answered nothing"
     assert isinstance(ask["correct"], bool) and f"gold: {first['output_text']}    {'right' if ask['correct'] else 'WRONG'}" in p.stdout
     return evaluation, summary
 

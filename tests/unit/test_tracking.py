@@ -291,6 +291,19 @@ def test_report_to_field():
         Job(report_to=["comet"])
 
 
+def test_every_training_kind_takes_report_to(tmp_path):
+    from rayapp.config import load_job
+    from rayapp.config.training import TrainingJobConfig
+    from rayapp.kinds import KINDS, config_class
+
+    training = [k for k in KINDS if issubclass(config_class(k), TrainingJobConfig)]
+    assert set(training) >= {"sft", "distill", "reward_model", "rlhf", "dpo"}
+    cfg = load_job(ROOT / "jobs/sft_tiny.yaml", ["report_to=[mlflow, tensorboard]", f"output_dir={tmp_path}"])
+    assert cfg.report_to == ["mlflow", "tensorboard"]
+    with pytest.raises(Exception, match="report_to.*needs output_dir on a local path or a shared mount"):
+        load_job(ROOT / "jobs/sft_tiny.yaml", ["report_to=mlflow", "output_dir=s3://bucket/run"])
+
+
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": {}, "f": None}) == {"a.b": 1, "a.c.d": [1], "e": {}, "f": None}
 
