@@ -30,8 +30,8 @@ demo: setup
 	$(BIN)/rayapp run jobs/demo.yaml
 
 # The default suite leaves out tests marked `slow` (each starts its own Ray head or trains for
-# minutes: job submission, worker-kill recovery, distillation methods through Ray, the reward
-# endpoint, deploy-after-training); `make test-all` runs them too.
+# minutes: job submission, worker-kill recovery, the reward endpoint, deploy-after-training, the
+# full-size demo); `make test-all` runs them too.
 test: setup
 	$(BIN)/python -m pytest tests -q -m "not slow" --durations=25
 

@@ -26,6 +26,33 @@ DEFAULT_LOCAL_CPUS = 8
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+# Ray's waits that rayapp lengthens, each with the reason. Ray tunes them for idle machines; on a
+# 2-core laptop or a CI runner that also runs vLLM engines or another cluster they run out while
+# nothing is wrong, and Ray then kills a healthy job. Set before Ray starts (the in-process cluster,
+# the persistent local head) and in every driver (Ray Train hands its RAY_TRAIN_* variables to its
+# controller); a value already in the environment wins.
+BUSY_MACHINE_TIMEOUTS: dict[str, tuple[str, str]] = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": (
+        "600", "Train workers import torch and transformers before they report ready; Ray's 60 s runs out when "
+               "the cores are shared with engines or another job"),
+    "RAY_health_check_failure_threshold": (
+        "20", "the GCS declares a raylet dead after 5 missed checks 3 s apart (Ray's default); a CPU-starved "
+              "raylet misses them, and every worker on it is killed"),
+    "RAY_agent_register_timeout_ms": (
+        "300000", "the dashboard agent of a new node can take minutes to register on a loaded machine"),
+    "RAY_raylet_start_wait_time_s": ("300", "`ray start` waits for its raylet that long, for the same reason"),
+}
+
+
+def busy_machine_timeouts(env: dict | None = None) -> dict:
+    """Put :data:`BUSY_MACHINE_TIMEOUTS` into ``env`` (default: this process's environment) where
+    it does not set them already; returns ``env``."""
+    env = os.environ if env is None else env
+    for key, (value, _why) in BUSY_MACHINE_TIMEOUTS.items():
+        env.setdefault(key, value)
+    return env
+
+
 class ResourceError(UserError, RuntimeError):
     pass
 
@@ -67,6 +94,7 @@ def _is_loopback(address: str) -> bool:
 def ensure_ray(namespace: str = "rayapp"):
     """Return the ``ray`` module, initialised once per process."""
     address = os.environ.get("RAY_ADDRESS")
+    busy_machine_timeouts()
     if not address or _is_loopback(address):
         loopback_only()
     if not address and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":

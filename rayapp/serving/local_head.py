@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from rayapp.errors import UserError
-from rayapp.runtime import LOOPBACK_ENV, require_token_auth
+from rayapp.runtime import LOOPBACK_ENV, busy_machine_timeouts, require_token_auth
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,7 @@ def _head_env(temp_dir: str) -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(LOOPBACK_ENV)
     env[HEAD_MARKER] = temp_dir
-    # On a loaded machine the dashboard agent can take longer than the raylet's default wait to come up.
-    env.setdefault("RAY_agent_register_timeout_ms", "300000")
-    env.setdefault("RAY_raylet_start_wait_time_s", "300")
-    return env
+    return busy_machine_timeouts(env)  # Ray's waits, lengthened for loaded machines (each with its reason)
 
 
 def _kill(pids: list[int], sig: int = 9) -> None:
