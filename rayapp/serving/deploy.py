@@ -253,7 +253,7 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
     from ray import serve
 
     from rayapp.models.io import resolve_model
-    from rayapp.serving.app import key_digest, read_api_key
+    from rayapp.serving.app import RequestLimits, key_digest, read_api_key
     from rayapp.serving.reward_server import build_reward_deployment
     from rayapp.storage import is_uri
 
@@ -267,7 +267,8 @@ def deploy_reward_model(model_dir: str | Path, deploy: DeployConfig, name: str) 
     connect()
     port = start_serve(deploy)
     # The key's digest, never the key, travels with the app.
-    RewardModelDeployment = build_reward_deployment(key_digest(api_key) if api_key else None)
+    RewardModelDeployment = build_reward_deployment(key_digest(api_key) if api_key else None,
+                                                    RequestLimits.from_deploy(deploy))
     started = time.time()
     deployment = RewardModelDeployment.options(
         autoscaling_config={"min_replicas": deploy.min_replicas, "initial_replicas": max(1, deploy.min_replicas),

@@ -89,15 +89,20 @@ class RewardScorer:
                          for i, (s, t) in enumerate(zip(scores.tolist(), truncated, strict=True))]}
 
 
-def build_reward_deployment(key_sha256: str | None = None):
-    """The Serve deployment class with its own FastAPI app (auth middleware when a key digest is given).
+def build_reward_deployment(key_sha256: str | None = None, limits=None):
+    """The Serve deployment class with its own FastAPI app: errors in OpenAI's shape, a body over
+    ``limits.max_body_bytes`` (a :class:`rayapp.serving.app.RequestLimits`) refused with a 413
+    before it is read whole, and the API key checked first when a key digest is given.
 
     Built per deploy, not at import: Ray pickles this class by value together with its app, so the
-    middleware travels with it (a module-level app would be re-imported bare on the replica)."""
-    from rayapp.serving.app import APIKeyMiddleware
+    middlewares travel with it (a module-level app would be re-imported bare on the replica)."""
+    from rayapp.serving.app import APIKeyMiddleware, OpenAIErrorMiddleware, RequestLimitsMiddleware
 
     app = FastAPI()
     app.add_exception_handler(RequestValidationError, _bad_request)
+    if limits is not None:
+        app.add_middleware(RequestLimitsMiddleware, limits=limits)
+    app.add_middleware(OpenAIErrorMiddleware)
     if key_sha256:
         app.add_middleware(APIKeyMiddleware, key_sha256=key_sha256)
 

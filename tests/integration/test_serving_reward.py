@@ -99,3 +99,11 @@ def test_reward_auth_and_bad_requests(reward_endpoint):
     assert raw.status_code == 400
     models = httpx.get(f"{reward_endpoint.url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert models.json()["data"][0]["id"] == NAME
+    # Every error in OpenAI's shape; a body over deploy.max_body_bytes is refused before it is read whole.
+    unknown = _post(reward_endpoint, {"model": "other", "input": ["x"]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] and "other" in unknown.json()["error"]["message"]
+    from rayapp.config.base import DeployConfig
+
+    limit = DeployConfig().max_body_bytes
+    huge = _post(reward_endpoint, {"input": ["x" * (limit + 1)]})
+    assert huge.status_code == 413 and "deploy.max_body_bytes" in huge.json()["error"]["message"], huge.text
