@@ -37,6 +37,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 
@@ -371,8 +372,16 @@ def rounds(cfg, data: DistillData, student_dir, teacher_dir: str | None, tokeniz
     check_resources(cpus=need, gpus=gpus, what=f"distill job '{cfg.name}' (train workers + the student's and the teacher's engines)")
     transfer = "nccl" if resolve_transport(op.weight_sync, r.use_gpu and op.engine.use_gpu) == "nccl" else None
     print(f"[{cfg.name}] on-policy: starting {op.engine.num_engines} student and {te.num_engines} teacher vLLM engine(s)", flush=True)
-    with VLLMEnginePool(str(student_dir), op.engine, name="student", weight_transfer=transfer) as spool, \
-            VLLMEnginePool(str(teacher_dir), te, name="teacher") as tpool:
+    with ThreadPoolExecutor(2) as ex:  # the two pools start side by side (each waits ~20 s for its engines on CPU)
+        starting = [ex.submit(VLLMEnginePool, str(student_dir), op.engine, name="student", weight_transfer=transfer),
+                    ex.submit(VLLMEnginePool, str(teacher_dir), te, name="teacher")]
+        wait(starting)
+    pools = [f.result() for f in starting if f.exception() is None]
+    if len(pools) < 2:
+        for p in pools:
+            p.shutdown()
+        raise next(f.exception() for f in starting if f.exception() is not None)
+    with pools[0] as spool, pools[1] as tpool:
         final = launch(on_policy_worker, cfg, in_process=in_process, student_dir=str(student_dir), prompts=prompts,
                        eval_rows=rows, eval_prompts=data.render_for_engine([x["input_text"] for x in rows]),
                        student_pool=spool, teacher_pool=tpool)
