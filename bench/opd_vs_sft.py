@@ -132,7 +132,8 @@ def run_sft(student_dir: Path, rows: list[dict], answers: list[str], test: list[
     return curve
 
 
-def run_opd(student_dir: Path, teacher_dir: Path, prompts_file: Path, test_file: Path, out: Path, args) -> tuple[list[dict], dict]:
+def run_opd(student_dir: Path, teacher_dir: Path, prompts_file: Path, test_file: Path, out: Path, args, top_k: int
+            ) -> tuple[list[dict], dict]:
     """(b): the distill recipe with method: on_policy; [{step, tokens, accuracy}] and its eval.json."""
     from rayapp.config.loader import load_job_dict
     from rayapp.data.readers import read_jsonl
@@ -144,7 +145,7 @@ def run_opd(student_dir: Path, teacher_dir: Path, prompts_file: Path, test_file:
         "teacher": {"path": str(teacher_dir), "engine": {"max_model_len": 160, "max_num_seqs": 128, "kv_cache_gib": 1}},
         "data": {"train": str(prompts_file)},
         "on_policy": {"iterations": args.opd_iterations, "prompts_per_iteration": args.opd_prompts, "samples_per_prompt": args.opd_samples,
-                      "max_new_tokens": 40, "temperature": 1.0, "eval_examples": 200,
+                      "max_new_tokens": 40, "temperature": 1.0, "eval_examples": 200, "top_k": top_k,
                       "engine": {"max_model_len": 128, "max_num_seqs": 128, "kv_cache_gib": 1}},
         "train": {"global_batch_size": 16, "micro_batch_size": 16, "learning_rate": args.opd_lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
                   "eval_every": args.opd_eval_every, "checkpoint_every": 10_000, "seed": 0},
@@ -174,7 +175,11 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in (("sft", "SFT on teacher-written answers", "o-"), ("opd", "on-policy distillation", "s-")):
+    curves = (("sft", "SFT on teacher-written answers", "o-"), ("opd", f"on-policy distillation (top_k {res.get('opd_top_k')})", "s-"),
+              ("opd_sampled", "on-policy, sampled token only (top_k 0)", "^-"))
+    for key, label, style in curves:
+        if key not in res:
+            continue
         pts = [p for p in res[key] if p["tokens"] > 0]
         ax.plot([p["tokens"] for p in pts], [p["accuracy"] for p in pts], style, ms=3, label=label)
     ax.axhline(res["teacher_accuracy"], ls="--", c="gray", label=f"teacher ({res['teacher_accuracy']:.2f})")
@@ -204,6 +209,8 @@ def main() -> None:
     ap.add_argument("--opd-samples", type=int, default=4, help="samples per prompt")
     ap.add_argument("--opd-lr", type=float, default=1e-3)
     ap.add_argument("--opd-eval-every", type=int, default=3)
+    ap.add_argument("--opd-top-k", type=int, default=20, help="on_policy.top_k of (b); when > 0 the sampled-token-only variant (top_k 0) runs too")
+    ap.add_argument("--reuse-sft", action="store_true", help="reuse the SFT curve of bench/results/opd_vs_sft.json when its settings match")
     ap.add_argument("--work", default="outputs/bench_opd_vs_sft")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--replot", action="store_true", help="redraw the plot from bench/results/opd_vs_sft.json")
@@ -232,49 +239,70 @@ def main() -> None:
     print(f"teacher {args.teacher_model}: {args.teacher_steps} steps ({teacher_s}s), held-out accuracy {t_acc:.3f}", flush=True)
     student_dir = from_teacher_layers(teacher_dir, work / "student_init", keep_every=3)
 
-    t_sft = time.perf_counter()
     answers = teacher_answers(teacher_dir, prompts, work)
     right = sum(answers_match(parse_rationale(a, "number")[1], r["gold"], "number") for r, a in zip(prompts, answers, strict=True))
     print(f"teacher answered {len(prompts)} prompts; right on {right / len(prompts):.3f}", flush=True)
-    sft = run_sft(student_dir, prompts, answers, test, args.sft_steps, args.sft_lr, args.sft_eval_every)
-    sft_s = time.perf_counter() - t_sft
+    sft_key = {k: getattr(args, k) for k in ("prompts", "teacher_model", "teacher_train", "teacher_steps", "teacher_lr", "sft_steps",
+                                               "sft_lr", "sft_eval_every")}
+    saved = json.loads((RESULTS / "opd_vs_sft.json").read_text()) if (RESULTS / "opd_vs_sft.json").exists() else {}
+    if args.reuse_sft and saved.get("sft_settings") == sft_key:
+        sft, sft_s = saved["sft"], saved["seconds"]["sft"]
+        print(f"SFT: reusing the curve in {RESULTS / 'opd_vs_sft.json'}", flush=True)
+    else:
+        t_sft = time.perf_counter()
+        sft = run_sft(student_dir, prompts, answers, test, args.sft_steps, args.sft_lr, args.sft_eval_every)
+        sft_s = time.perf_counter() - t_sft
 
-    t_opd = time.perf_counter()
     write_jsonl_atomic(work / "prompts.jsonl", [{"input_text": r["input_text"], "output_text": worked_answer(r)} for r in prompts])
     write_jsonl_atomic(work / "test.jsonl", [{"input_text": r["input_text"], "output_text": r["gold"]} for r in test])
-    opd, opd_eval = run_opd(student_dir, teacher_dir, work / "prompts.jsonl", work / "test.jsonl", work / "opd", args)
-    opd_s = time.perf_counter() - t_opd
+    variants = {"opd": args.opd_top_k, **({"opd_sampled": 0} if args.opd_top_k else {})}  # name -> on_policy.top_k
+    runs, seconds = {}, {"teacher_train": teacher_s, "sft": round(sft_s, 1)}
+    for name, k in variants.items():
+        t = time.perf_counter()
+        runs[name] = run_opd(student_dir, teacher_dir, work / "prompts.jsonl", work / "test.jsonl", work / name, args, k)
+        seconds[name] = round(time.perf_counter() - t, 1)
 
-    best_sft, best_opd = max(p["accuracy"] for p in sft), max(p["accuracy"] for p in opd)
-    common = min(best_sft, best_opd)
-    need_sft, need_opd = tokens_to_reach(sft, common), tokens_to_reach(opd, common)
-    ratio = round(need_sft / need_opd, 2) if need_sft and need_opd else None
+    best_sft = max(p["accuracy"] for p in sft)
     res = {
-        "ratio": ratio, "target": 2.0,
+        "target": 2.0,
         "metric": "student training tokens SFT on teacher-written answers needs / tokens on-policy distillation needs to first "
                   "reach the best held-out accuracy both attain",
         "task": "reasoning-gym chain_sum, 2-3 one-digit terms; 200 held-out questions, greedy",
         "teacher": f"{args.teacher_model} tuned on {len(labeled)} worked answers, {args.teacher_steps} steps",
         "teacher_accuracy": t_acc, "teacher_prompt_answers_right": right / len(prompts),
         "student_start": "teacher layers 0 and 3 (from_teacher_layers, keep_every 3)",
-        "prompts": len(prompts), "common_best": common, "best_sft": best_sft, "best_opd": best_opd,
-        "tokens_sft": need_sft, "tokens_opd": need_opd,
-        "opd_final_transformers_accuracy": opd_eval.get("student_answer_accuracy"),
-        "opd_reverse_kl_first": opd_eval.get("reverse_kl_first"), "opd_reverse_kl_last": opd_eval.get("reverse_kl_last"),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("replot", "work")},
-        "seconds": {"teacher_train": teacher_s, "sft": round(sft_s, 1), "opd": round(opd_s, 1), "total": round(time.perf_counter() - t0, 1)},
-        "sft": sft, "opd": opd,
+        "prompts": len(prompts), "best_sft": best_sft,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("replot", "work", "reuse_sft")}, "sft_settings": sft_key,
+        "sft": sft,
     }
+    rows = [("SFT on teacher answers", sft, None, sft_s)]
+    for name, k in variants.items():
+        curve, ev = runs[name]
+        common = min(best_sft, max(p["accuracy"] for p in curve))
+        need_sft, need_opd = tokens_to_reach(sft, common), tokens_to_reach(curve, common)
+        ratio = round(need_sft / need_opd, 2) if need_sft and need_opd else None
+        prefix = "" if name == "opd" else "sampled_"
+        res.update({f"{prefix}ratio": ratio, f"{prefix}common_best": common, f"best_{name}": max(p["accuracy"] for p in curve),
+                    f"{prefix}tokens_sft": need_sft, f"tokens_{name}": need_opd, f"{name}_top_k": k,
+                    f"{name}_final_transformers_accuracy": ev.get("student_answer_accuracy"),
+                    f"{name}_reverse_kl_first": ev.get("reverse_kl_first"), f"{name}_reverse_kl_last": ev.get("reverse_kl_last"),
+                    name: curve})
+        label = f"on-policy, top-{k} reverse KL" if k else "on-policy, sampled token only"
+        rows.append((label, curve, need_opd, seconds[name]))
+    res["seconds"] = {**seconds, "total": round(time.perf_counter() - t0, 1)}
+    res = {"ratio": res.pop("ratio"), **res}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "opd_vs_sft.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, RESULTS / "opd_vs_sft.png")
-    print(f"\n{'method':<34}{'best acc':>9}{'tokens to ' + format(common, '.3f'):>18}{'total tokens':>14}{'seconds':>9}")
-    for name, curve, need, secs in (("SFT on teacher answers", sft, need_sft, sft_s), ("on-policy distillation", opd, need_opd, opd_s)):
-        print(f"{name:<34}{max(p['accuracy'] for p in curve):>9.3f}{str(need):>18}{curve[-1]['tokens']:>14}{secs:>9.0f}")
-    print(f"teacher held-out accuracy {t_acc:.3f}; ratio (SFT tokens / on-policy tokens) = {ratio} (target 2.0); "
-          f"on-policy final accuracy: engine {opd[-1]['accuracy']:.3f}, transformers {res['opd_final_transformers_accuracy']}")
+    print(f"\n{'method':<36}{'best acc':>9}{'tokens to common best':>23}{'total tokens':>14}{'seconds':>9}")
+    for label, curve, need, secs in rows:
+        print(f"{label:<36}{max(p['accuracy'] for p in curve):>9.3f}{str(need if need is not None else '-'):>23}"
+              f"{curve[-1]['tokens']:>14}{secs:>9.0f}")
+    print(f"teacher held-out accuracy {t_acc:.3f}; SFT needs {res['tokens_sft']} tokens to reach {res['common_best']:.3f}: "
+          f"ratio (SFT tokens / on-policy tokens) = {res['ratio']} (target 2.0)"
+          + (f"; sampled-token-only variant: {res['sampled_ratio']} at {res['sampled_common_best']:.3f}" if "sampled_ratio" in res else ""))
+    print(f"on-policy final accuracy: engine {runs['opd'][0][-1]['accuracy']:.3f}, transformers {res['opd_final_transformers_accuracy']}")
     print(f"wrote {RESULTS / 'opd_vs_sft.json'} and opd_vs_sft.png ({res['seconds']['total']:.0f}s)")
-
 
 if __name__ == "__main__":
     main()

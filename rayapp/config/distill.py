@@ -93,6 +93,8 @@ class OnPolicyConfig(StrictModel):
     max_new_tokens: int = Field(48, gt=0, description="Most tokens per sampled completion.")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature; the trainer's log-probs use the same one (logits / T), the teacher's are at T = 1.")
     reward_weight: float = Field(0.0, ge=0, description="Weight of a task reward (1 when the completion's answer matches the row's output_text, else 0) added to every token's advantage; 0: pure distillation.")
+    top_k: int = Field(0, ge=0, le=20, description="0: the teacher scores only the sampled tokens (the per-token reverse-KL advantage alone). k > 0: it also returns its top-k log-probs at every sampled position and the loss adds topk_weight x the reverse KL between the student's and the teacher's next-token distributions over those k tokens plus a tail bucket, on the student's own prefixes (dense supervision; vLLM returns at most 20).")
+    topk_weight: float = Field(1.0, ge=0, description="Weight of the top-k reverse-KL term (on_policy.top_k > 0), per token as the policy loss.")
     update_epochs: int = Field(1, gt=0, description="Passes over each iteration's samples (train.global_batch_size samples per optimizer step).")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip range; matters from the second optimizer step on the same samples.")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=256, max_num_seqs=64), description="The student's vLLM engines (the teacher's are teacher.engine).")

@@ -61,10 +61,13 @@ class FakeStudentPool:
 
 
 class FakeTeacherPool:
-    """score(): the log-prob of token j + 1 of each sequence is -(j + 1) / 100 (its position, readable)."""
+    """score(): the log-prob of token j + 1 of each sequence is -(j + 1) / 100 (its position, readable);
+    with top_k, tokens 0..k-1 come with log-probs -1, -2, ... beside the given token (as vLLM returns them)."""
 
     def score(self, sequences, top_k=0):
-        return [[-(j + 1) / 100 for j in range(len(s) - 1)] for s in sequences]
+        if not top_k:
+            return [[-(j + 1) / 100 for j in range(len(s) - 1)] for s in sequences]
+        return [[{**{t: -(t + 1.0) for t in range(top_k)}, s[j + 1]: -(j + 1) / 100} for j in range(len(s) - 1)] for s in sequences]
 
 
 def test_teacher_logprobs_line_up_with_the_sampled_tokens(tiny_tokenizer):
@@ -106,3 +109,30 @@ def test_a_student_that_is_its_teacher_gets_zero_advantage(tiny_model_dir, tiny_
     assert batch["mask"].sum() == sum(len(r["response_ids"]) for r in rollouts)
     assert batch["adv"].abs().max() < 1e-5
     assert abs(float(reverse_kl_sum(batch["old_logp"], batch["teacher_logp"], batch["mask"]))) < 1e-4
+
+
+def test_top_k_teacher_scores_line_up_and_enter_the_loss(tiny_model_dir, tiny_tokenizer):
+    from rayapp.models.io import load_causal_lm
+    from rayapp.training.distill.on_policy import engine_prompt_ids, prepare_batches, sample_and_score, update
+    from rayapp.training.loop import build_optimizer
+
+    cfg = load_job_dict(_job(on_policy={"top_k": 3}, train={"global_batch_size": 8, "micro_batch_size": 8},
+                             resources={"num_workers": 1}))
+    prompt = [{"role": "user", "content": "What is 1 + 2?"}]
+    ids = engine_prompt_ids(tiny_tokenizer, prompt)
+    answer = tiny_tokenizer.encode("1 + 2 = 3. So the answer is 3.", add_special_tokens=False)
+    prompts = [{"prompt": prompt, "prompt_ids": ids, "answer": "3"}] * 4
+    rollouts, _ = sample_and_score(FakeStudentPool(tiny_tokenizer, answer), FakeTeacherPool(), prompts, cfg, tiny_tokenizer)
+    r, P = rollouts[0], len(ids)
+    assert r["teacher_logps"] == pytest.approx([-(P + i) / 100 for i in range(len(answer))])
+    assert len(r["topk_ids"]) == len(answer) and all(len(x) == 3 for x in r["topk_ids"])
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    (b,) = prepare_batches(model, rollouts, cfg, tiny_tokenizer.pad_token_id, "cpu")
+    # the position that predicts answer token i (P - 1 + i) holds that token's top-k; the others are masked out
+    assert b["topk_mask"][0].nonzero().flatten().tolist() == list(range(P - 1, P - 1 + len(answer)))
+    assert b["topk_logprobs"][0, P - 1].tolist() == pytest.approx(sorted(r["topk_logprobs"][0], reverse=True))
+    opt = build_optimizer(model, cfg.train, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    sums = update(model, opt, [b], cfg, 1)
+    assert sums["topk_kl"] > 0 and sums["steps"] == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # parameters change

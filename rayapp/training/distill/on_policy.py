@@ -11,7 +11,9 @@ start) and the teacher's (``teacher.engine``). The Ray Train workers then run, p
    row's output_text); the samples are broadcast to every rank;
 3. each rank scores its share with the student (logits / T before log_softmax) and sets each
    token's advantage to the negative reverse KL, -(log pi_s - log pi_t) (+ reward_weight x reward):
-   ``rayapp.algorithms.on_policy``;
+   ``rayapp.algorithms.on_policy``; with ``top_k`` > 0 the teacher also returns its top-k
+   log-probs at those positions and the loss adds the reverse KL over them (plus a tail bucket,
+   ``rayapp.algorithms.kd.topk_kd_loss``): dense supervision on the student's own prefixes;
 4. ``update_epochs`` passes of the clipped surrogate, ``train.global_batch_size`` samples per
    optimizer step, normalised by the step's global token count (as the RL loop of kind: rlhf);
 5. the new weights go to the student's engines (``rayapp.teachers.weight_sync``, as kind: rlhf),
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -52,7 +55,7 @@ from rayapp.training.distill.method import Method, Trainable
 
 CURVES = {"reverse_kl": "reverse KL to the teacher (per token)", "val_answer_accuracy": "held-out answer accuracy",
           "sample_accuracy": "accuracy of the student's samples", "policy_loss": "policy loss"}
-LOSS_SUMS = ("policy_loss", "clip_fraction")
+LOSS_SUMS = ("policy_loss", "clip_fraction", "topk_kl")  # token sums over an iteration's passes
 
 
 def engine_prompt_ids(tokenizer, prompt) -> list[int]:
@@ -111,6 +114,7 @@ def sample_and_score(spool, tpool, prompts: list[dict], cfg, tokenizer) -> tuple
     teacher's log-prob of every sampled token and a task score; returns (rollouts, timings)."""
     from rayapp.config.base import SamplingConfig
     from rayapp.evaluation import score_answers
+    from rayapp.training.distill.teacher import topk_from_scores
     from rayapp.training.rlhf_rollout import RolloutError
 
     op = cfg.on_policy
@@ -132,9 +136,15 @@ def sample_and_score(spool, tpool, prompts: list[dict], cfg, tokenizer) -> tuple
         rollouts.append({"prompt_ids": p["prompt_ids"], "response_ids": list(c.token_ids), "text": c.text, "score": score,
                          "group": c.prompt_index})
     t1 = time.perf_counter()
-    scored = tpool.score([r["prompt_ids"] + r["response_ids"] for r in rollouts])  # per sequence, len - 1 log-probs
-    for r, lps in zip(rollouts, scored, strict=True):
-        r["teacher_logps"] = lps[len(r["prompt_ids"]) - 1 :]  # entry j: log p(seq[j + 1] | seq[: j + 1])
+    k = op.top_k
+    scored = tpool.score([r["prompt_ids"] + r["response_ids"] for r in rollouts], top_k=k)  # per sequence, len - 1 entries
+    for r, per_pos in zip(rollouts, scored, strict=True):
+        answer = per_pos[len(r["prompt_ids"]) - 1 :]  # entry j: log p(seq[j + 1] | seq[: j + 1])
+        if k:  # {token: log-prob} of the top k plus the sampled token
+            r["teacher_logps"] = [d[t] for d, t in zip(answer, r["response_ids"], strict=True)]
+            r["topk_ids"], r["topk_logprobs"] = topk_from_scores(answer, k)
+        else:
+            r["teacher_logps"] = answer
     return rollouts, {"generate_s": t_gen, "teacher_s": time.perf_counter() - t1}
 
 
@@ -144,6 +154,7 @@ def prepare_batches(model, rollouts: list[dict], cfg, pad_id: int, device) -> li
     import torch
 
     from rayapp.algorithms.on_policy import reverse_kl_advantages, tempered_token_logps
+    from rayapp.algorithms.sft import response_mask
     from rayapp.training.rlhf_rollout import collate_rollouts
 
     op, mb = cfg.on_policy, cfg.train.micro_batch_size
@@ -161,6 +172,16 @@ def prepare_batches(model, rollouts: list[dict], cfg, pad_id: int, device) -> li
             b["mask"] = mask.float()
             b["teacher_logp"] = teacher * b["mask"]
             b["adv"] = reverse_kl_advantages(b["old_logp"], b["teacher_logp"], b["mask"], b["scores"], op.reward_weight)
+            if op.top_k:  # (B, T, K) at the position that predicts each sampled token (rayapp.algorithms.kd's layout)
+                B, T = b["input_ids"].shape
+                ids = torch.zeros((B, T, op.top_k), dtype=torch.long)
+                lps = torch.full((B, T, op.top_k), -math.log(op.top_k))
+                for i, r in enumerate(part):
+                    s, n = len(r["prompt_ids"]) - 1, len(r["response_ids"])
+                    if n:
+                        ids[i, s : s + n] = torch.tensor(r["topk_ids"], dtype=torch.long)
+                        lps[i, s : s + n] = torch.tensor(r["topk_logprobs"], dtype=torch.float32)
+                b["topk_ids"], b["topk_logprobs"], b["topk_mask"] = ids.to(device), lps.to(device), response_mask(b["labels"])
             batches.append(b)
     return batches
 
@@ -169,6 +190,7 @@ def update(model, opt, batches: list[dict], cfg, world: int) -> dict:
     """``on_policy.update_epochs`` passes over this rank's micro-batches; summed metrics by name."""
     import torch
 
+    from rayapp.algorithms.kd import topk_kd_loss
     from rayapp.algorithms.on_policy import on_policy_distill_loss, tempered_token_logps
     from rayapp.training.loop import all_reduce
     from rayapp.training.parallel import clip_grad_norm
@@ -189,9 +211,14 @@ def update(model, opt, batches: list[dict], cfg, world: int) -> dict:
                 with model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext():
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                     logp, _ = tempered_token_logps(logits, b["labels"], op.temperature)
-                    loss, clip = on_policy_distill_loss(logp, b["old_logp"], b["adv"], b["mask"], op.clip_eps, normaliser)
+                    pl, clip = on_policy_distill_loss(logp, b["old_logp"], b["adv"], b["mask"], op.clip_eps, normaliser)
+                    loss = pl
+                    if op.top_k:  # dense term: reverse KL over the teacher's top k (+ tail) at every sampled position
+                        kl_sum, _ = topk_kd_loss(logits, b["topk_ids"], b["topk_logprobs"], b["topk_mask"], "reverse_kl", topk_mode="tail")
+                        loss = loss + op.topk_weight * kl_sum / normaliser
+                        sums["topk_kl"] += float(kl_sum.detach())
                     loss.backward()
-                sums["policy_loss"] += float(loss.detach()) * normaliser
+                sums["policy_loss"] += float(pl.detach()) * normaliser
                 sums["clip_fraction"] += float(clip) * float(b["mask"].sum())
             if cfg.train.max_grad_norm is not None:
                 sums["grad_norm"] += clip_grad_norm(model, cfg.train.max_grad_norm)
