@@ -101,8 +101,9 @@ def teacher_answers(teacher_dir: Path, rows: list[dict], work: Path) -> list[str
 
 
 def run_sft(student_dir: Path, rows: list[dict], answers: list[str], test: list[dict], steps: int, lr: float, eval_every: int,
-            batch: int = 16) -> list[dict]:
-    """(a): SFT on the teacher's answers; [{step, tokens, accuracy}] with accuracy every ``eval_every`` steps."""
+            batch: int = 16, save_to: Path | None = None) -> list[dict]:
+    """(a): SFT on the teacher's answers; [{step, tokens, accuracy}] with accuracy every ``eval_every`` steps
+    (``save_to``: also write the tuned model there: the warm start)."""
     import torch
 
     from rayapp.algorithms.sft import token_nll_sum
@@ -129,6 +130,10 @@ def run_sft(student_dir: Path, rows: list[dict], answers: list[str], test: list[
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "tokens": tokens, "accuracy": greedy_accuracy(model, tok, test)})
             print(f"SFT step {step + 1}/{steps}: tokens {tokens} held-out accuracy {curve[-1]['accuracy']:.3f}", flush=True)
+    if save_to is not None:
+        from rayapp.models.io import save_model_atomic
+
+        save_model_atomic(model, tok, save_to)
     return curve
 
 
@@ -204,6 +209,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=600)
     ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--sft-eval-every", type=int, default=25)
+    ap.add_argument("--warmup-sft-steps", type=int, default=0, help="SFT steps on the teacher's answers before both arms start (0: none)")
     ap.add_argument("--opd-iterations", type=int, default=60)
     ap.add_argument("--opd-prompts", type=int, default=16, help="prompts per iteration")
     ap.add_argument("--opd-samples", type=int, default=4, help="samples per prompt")
@@ -238,12 +244,18 @@ def main() -> None:
     t_acc = evaluate_answers(teacher_dir, test_rows, task_type="number", extract="auto", max_new_tokens=40)["accuracy"]
     print(f"teacher {args.teacher_model}: {args.teacher_steps} steps ({teacher_s}s), held-out accuracy {t_acc:.3f}", flush=True)
     student_dir = from_teacher_layers(teacher_dir, work / "student_init", keep_every=3)
-
     answers = teacher_answers(teacher_dir, prompts, work)
+    warm = None
+    if args.warmup_sft_steps:  # the shared start: a short SFT on the teacher's answers, as Thinking Machines start from a mid-trained student
+        warm = run_sft(student_dir, prompts, answers, test, args.warmup_sft_steps, args.sft_lr, args.warmup_sft_steps,
+                       save_to=work / "student_warm")
+        student_dir = work / "student_warm"
+        print(f"warm start: {args.warmup_sft_steps} SFT steps, {warm[-1]['tokens']} tokens, held-out accuracy {warm[-1]['accuracy']:.3f}")
+
     right = sum(answers_match(parse_rationale(a, "number")[1], r["gold"], "number") for r, a in zip(prompts, answers, strict=True))
     print(f"teacher answered {len(prompts)} prompts; right on {right / len(prompts):.3f}", flush=True)
     sft_key = {k: getattr(args, k) for k in ("prompts", "teacher_model", "teacher_train", "teacher_steps", "teacher_lr", "sft_steps",
-                                               "sft_lr", "sft_eval_every")}
+                                               "sft_lr", "sft_eval_every", "warmup_sft_steps")}
     saved = json.loads((RESULTS / "opd_vs_sft.json").read_text()) if (RESULTS / "opd_vs_sft.json").exists() else {}
     if args.reuse_sft and saved.get("sft_settings") == sft_key:
         sft, sft_s = saved["sft"], saved["seconds"]["sft"]
@@ -270,12 +282,14 @@ def main() -> None:
         "task": "reasoning-gym chain_sum, 2-3 one-digit terms; 200 held-out questions, greedy",
         "teacher": f"{args.teacher_model} tuned on {len(labeled)} worked answers, {args.teacher_steps} steps",
         "teacher_accuracy": t_acc, "teacher_prompt_answers_right": right / len(prompts),
-        "student_start": "teacher layers 0 and 3 (from_teacher_layers, keep_every 3)",
+        "student_start": "teacher layers 0 and 3 (from_teacher_layers, keep_every 3)"
+                         + (f", then {args.warmup_sft_steps} SFT steps on the teacher's answers ({warm[-1]['tokens']} tokens, "
+                            f"not counted below; held-out accuracy {warm[-1]['accuracy']:.3f})" if warm else ""),
         "prompts": len(prompts), "best_sft": best_sft,
         "settings": {k: v for k, v in vars(args).items() if k not in ("replot", "work", "reuse_sft")}, "sft_settings": sft_key,
         "sft": sft,
     }
-    rows = [("SFT on teacher answers", sft, None, sft_s)]
+    rows = [("SFT on teacher answers", sft, None, None, sft_s)]
     for name, k in variants.items():
         curve, ev = runs[name]
         common = min(best_sft, max(p["accuracy"] for p in curve))
@@ -288,16 +302,17 @@ def main() -> None:
                     f"{name}_reverse_kl_first": ev.get("reverse_kl_first"), f"{name}_reverse_kl_last": ev.get("reverse_kl_last"),
                     name: curve})
         label = f"on-policy, top-{k} reverse KL" if k else "on-policy, sampled token only"
-        rows.append((label, curve, need_opd, seconds[name]))
+        rows.append((label, curve, (common, need_sft, need_opd), ratio, seconds[name]))
     res["seconds"] = {**seconds, "total": round(time.perf_counter() - t0, 1)}
     res = {"ratio": res.pop("ratio"), **res}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "opd_vs_sft.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, RESULTS / "opd_vs_sft.png")
-    print(f"\n{'method':<36}{'best acc':>9}{'tokens to common best':>23}{'total tokens':>14}{'seconds':>9}")
-    for label, curve, need, secs in rows:
-        print(f"{label:<36}{max(p['accuracy'] for p in curve):>9.3f}{str(need if need is not None else '-'):>23}"
-              f"{curve[-1]['tokens']:>14}{secs:>9.0f}")
+    print(f"\n{'method':<36}{'best acc':>9}{'common best':>12}{'SFT tokens':>11}{'its tokens':>11}{'ratio':>7}{'total tokens':>13}{'seconds':>8}")
+    for label, curve, reach, ratio, secs in rows:
+        common, need_sft, need = reach or ("-", "-", "-")
+        print(f"{label:<36}{max(p['accuracy'] for p in curve):>9.3f}{str(common):>12}{str(need_sft):>11}{str(need):>11}"
+              f"{str(ratio or '-'):>7}{curve[-1]['tokens']:>13}{secs:>8.0f}")
     print(f"teacher held-out accuracy {t_acc:.3f}; SFT needs {res['tokens_sft']} tokens to reach {res['common_best']:.3f}: "
           f"ratio (SFT tokens / on-policy tokens) = {res['ratio']} (target 2.0)"
           + (f"; sampled-token-only variant: {res['sampled_ratio']} at {res['sampled_common_best']:.3f}" if "sampled_ratio" in res else ""))
