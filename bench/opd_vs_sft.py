@@ -210,12 +210,14 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--sft-eval-every", type=int, default=25)
     ap.add_argument("--warmup-sft-steps", type=int, default=0, help="SFT steps on the teacher's answers before both arms start (0: none)")
+    ap.add_argument("--warmup-lr", type=float, default=1e-3, help="learning rate of the warm-start SFT")
     ap.add_argument("--opd-iterations", type=int, default=60)
     ap.add_argument("--opd-prompts", type=int, default=16, help="prompts per iteration")
     ap.add_argument("--opd-samples", type=int, default=4, help="samples per prompt")
     ap.add_argument("--opd-lr", type=float, default=1e-3)
     ap.add_argument("--opd-eval-every", type=int, default=3)
     ap.add_argument("--opd-top-k", type=int, default=20, help="on_policy.top_k of (b); when > 0 the sampled-token-only variant (top_k 0) runs too")
+    ap.add_argument("--no-sampled", action="store_true", help="skip the sampled-token-only variant")
     ap.add_argument("--reuse-sft", action="store_true", help="reuse the SFT curve of bench/results/opd_vs_sft.json when its settings match")
     ap.add_argument("--work", default="outputs/bench_opd_vs_sft")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
@@ -247,7 +249,7 @@ def main() -> None:
     answers = teacher_answers(teacher_dir, prompts, work)
     warm = None
     if args.warmup_sft_steps:  # the shared start: a short SFT on the teacher's answers, as Thinking Machines start from a mid-trained student
-        warm = run_sft(student_dir, prompts, answers, test, args.warmup_sft_steps, args.sft_lr, args.warmup_sft_steps,
+        warm = run_sft(student_dir, prompts, answers, test, args.warmup_sft_steps, args.warmup_lr, args.warmup_sft_steps,
                        save_to=work / "student_warm")
         student_dir = work / "student_warm"
         print(f"warm start: {args.warmup_sft_steps} SFT steps, {warm[-1]['tokens']} tokens, held-out accuracy {warm[-1]['accuracy']:.3f}")
@@ -255,7 +257,7 @@ def main() -> None:
     right = sum(answers_match(parse_rationale(a, "number")[1], r["gold"], "number") for r, a in zip(prompts, answers, strict=True))
     print(f"teacher answered {len(prompts)} prompts; right on {right / len(prompts):.3f}", flush=True)
     sft_key = {k: getattr(args, k) for k in ("prompts", "teacher_model", "teacher_train", "teacher_steps", "teacher_lr", "sft_steps",
-                                               "sft_lr", "sft_eval_every", "warmup_sft_steps")}
+                                               "sft_lr", "sft_eval_every", "warmup_sft_steps", "warmup_lr")}
     saved = json.loads((RESULTS / "opd_vs_sft.json").read_text()) if (RESULTS / "opd_vs_sft.json").exists() else {}
     if args.reuse_sft and saved.get("sft_settings") == sft_key:
         sft, sft_s = saved["sft"], saved["seconds"]["sft"]
@@ -267,7 +269,7 @@ def main() -> None:
 
     write_jsonl_atomic(work / "prompts.jsonl", [{"input_text": r["input_text"], "output_text": worked_answer(r)} for r in prompts])
     write_jsonl_atomic(work / "test.jsonl", [{"input_text": r["input_text"], "output_text": r["gold"]} for r in test])
-    variants = {"opd": args.opd_top_k, **({"opd_sampled": 0} if args.opd_top_k else {})}  # name -> on_policy.top_k
+    variants = {"opd": args.opd_top_k, **({"opd_sampled": 0} if args.opd_top_k and not args.no_sampled else {})}  # name -> top_k
     runs, seconds = {}, {"teacher_train": teacher_s, "sft": round(sft_s, 1)}
     for name, k in variants.items():
         t = time.perf_counter()
