@@ -173,6 +173,27 @@ def tokens_to_reach(curve: list[dict], target: float) -> int | None:
     return next((p["tokens"] for p in curve if p["accuracy"] >= target - 1e-9), None)
 
 
+def smoothed(curve: list[dict], w: int = 3) -> list[dict]:
+    """Each point's accuracy as the mean of it and the w - 1 evaluations before it (a 200-question
+    accuracy moves by +-0.035 (one std) between evaluations from noise alone)."""
+    return [{**p, "accuracy": sum(q["accuracy"] for q in curve[max(0, i - w + 1) : i + 1]) / len(curve[max(0, i - w + 1) : i + 1])}
+            for i, p in enumerate(curve)]
+
+
+def add_smoothed_ratios(res: dict) -> None:
+    """``ratio_smoothed`` (and ``sampled_ratio_smoothed``): the ratio on curves smoothed over 3 evaluations."""
+    sft = smoothed(res["sft"])
+    for name, prefix in (("opd", ""), ("opd_sampled", "sampled_")):
+        if name not in res:
+            continue
+        opd = smoothed(res[name])
+        common = min(max(p["accuracy"] for p in sft), max(p["accuracy"] for p in opd))
+        a, b = tokens_to_reach(sft, common), tokens_to_reach(opd, common)
+        res[f"{prefix}ratio_smoothed"] = round(a / b, 2) if a and b else None
+        res[f"{prefix}common_best_smoothed"] = round(common, 4)
+        res[f"{prefix}tokens_sft_smoothed"], res[f"tokens_{name}_smoothed"] = a, b
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -221,10 +242,14 @@ def main() -> None:
     ap.add_argument("--reuse-sft", action="store_true", help="reuse the SFT curve of bench/results/opd_vs_sft.json when its settings match")
     ap.add_argument("--work", default="outputs/bench_opd_vs_sft")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    ap.add_argument("--replot", action="store_true", help="redraw the plot from bench/results/opd_vs_sft.json")
+    ap.add_argument("--replot", action="store_true", help="redraw the plot (and the smoothed ratios) from bench/results/opd_vs_sft.json")
     args = ap.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS / "opd_vs_sft.json").read_text()), RESULTS / "opd_vs_sft.png")
+        res = json.loads((RESULTS / "opd_vs_sft.json").read_text())
+        add_smoothed_ratios(res)
+        (RESULTS / "opd_vs_sft.json").write_text(json.dumps(res, indent=2) + "\n")
+        plot(res, RESULTS / "opd_vs_sft.png")
+        print({k: v for k, v in res.items() if "ratio" in k or "common" in k or k.startswith("tokens")})
         return
     import torch
 
@@ -307,6 +332,7 @@ def main() -> None:
         rows.append((label, curve, (common, need_sft, need_opd), ratio, seconds[name]))
     res["seconds"] = {**seconds, "total": round(time.perf_counter() - t0, 1)}
     res = {"ratio": res.pop("ratio"), **res}
+    add_smoothed_ratios(res)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "opd_vs_sft.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, RESULTS / "opd_vs_sft.png")
