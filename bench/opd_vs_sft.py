@@ -5,7 +5,8 @@ Task: reasoning-gym ``chain_sum`` (2-3 one-digit terms, as jobs/demo.yaml), answ
 numerically. One teacher: ``--teacher-model`` (the locally built 4-layer Llama) tuned in this
 process on worked answers ("4 - 1 = 3. 3 - 7 = -4. So the answer is -4."). One student start:
 the teacher's layers 0 and 3 (``student.init: from_teacher_layers``, keep_every 3, as the demo's
-students). One prompt set (``--prompts`` questions, disjoint from the teacher's and the 200
+students), warm-started by ``--warmup-sft-steps`` SFT steps on the teacher's answers (not counted
+in either arm; Thinking Machines compare from a mid-trained student too). One prompt set (``--prompts`` questions, disjoint from the teacher's and the 200
 held-out ones). Then, from the same student start:
 
 (a) SFT on teacher-written answers: the teacher's vLLM pool answers every prompt greedily (right or
@@ -26,7 +27,11 @@ transformers evaluation of (b) is printed beside its last engine number as a che
 ``ratio`` = training tokens SFT needs / tokens on-policy distillation needs to first reach the best
 accuracy both attain (target 2.0). Writes bench/results/opd_vs_sft.json and opd_vs_sft.png.
 
-    .venv/bin/python bench/opd_vs_sft.py [--prompts 1000] [--sft-steps 600] [--opd-iterations 60] [--replot]
+    .venv/bin/python bench/opd_vs_sft.py [--prompts 1000] [--warmup-sft-steps 100] [--sft-steps 450] [--opd-iterations 45]
+        [--sft-lr 2e-4] [--opd-lr 2e-4] [--opd-top-k 20] [--reuse-sft] [--replot]
+
+The cold-start result in bench/results/opd_vs_sft_cold.json came from ``--warmup-sft-steps 0
+--sft-steps 600 --sft-lr 1e-3 --opd-lr 1e-3 --opd-iterations 60``.
 """
 
 from __future__ import annotations
@@ -227,15 +232,15 @@ def main() -> None:
     ap.add_argument("--teacher-train", type=int, default=1600)
     ap.add_argument("--teacher-steps", type=int, default=1000)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
-    ap.add_argument("--sft-steps", type=int, default=600)
-    ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--sft-steps", type=int, default=450)
+    ap.add_argument("--sft-lr", type=float, default=2e-4)
     ap.add_argument("--sft-eval-every", type=int, default=25)
-    ap.add_argument("--warmup-sft-steps", type=int, default=0, help="SFT steps on the teacher's answers before both arms start (0: none)")
+    ap.add_argument("--warmup-sft-steps", type=int, default=100, help="SFT steps on the teacher's answers before both arms start (0: none)")
     ap.add_argument("--warmup-lr", type=float, default=1e-3, help="learning rate of the warm-start SFT")
-    ap.add_argument("--opd-iterations", type=int, default=60)
+    ap.add_argument("--opd-iterations", type=int, default=45)
     ap.add_argument("--opd-prompts", type=int, default=16, help="prompts per iteration")
     ap.add_argument("--opd-samples", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--opd-lr", type=float, default=1e-3)
+    ap.add_argument("--opd-lr", type=float, default=2e-4)
     ap.add_argument("--opd-eval-every", type=int, default=3)
     ap.add_argument("--opd-top-k", type=int, default=20, help="on_policy.top_k of (b); when > 0 the sampled-token-only variant (top_k 0) runs too")
     ap.add_argument("--no-sampled", action="store_true", help="skip the sampled-token-only variant")
