@@ -1,8 +1,10 @@
 """`kind: distill` — train a smaller student to mimic a teacher.
 
-``method`` picks one of five: step_by_step (labels + teacher rationales as two tasks), logits
+``method`` picks one of six: step_by_step (labels + teacher rationales as two tasks), logits
 (teacher token distributions from vLLM), features (hidden layers), relations (pairwise
-structure of a batch) and self (teacher and student share the architecture). Only the section
+structure of a batch), self (teacher and student share the architecture) and on_policy (the
+student samples with its own vLLM engines, the teacher's engines score those tokens, the
+student follows the per-token reverse KL as an RL advantage). Only the section
 of the chosen method is read; the others keep their defaults.
 """
 
@@ -16,7 +18,7 @@ from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskTy
 from rayapp.config.batch import RationalesConfig, check_rationale_sampling
 from rayapp.config.training import TrainingJobConfig
 
-METHODS = ("step_by_step", "logits", "features", "relations", "self")
+METHODS = ("step_by_step", "logits", "features", "relations", "self", "on_policy")
 
 
 class StudentConfig(StrictModel):
@@ -84,6 +86,23 @@ class SelfDistillConfig(StrictModel):
     task_weight: float = Field(1.0, ge=0, description="Weight of the task (response NLL) loss.")
 
 
+class OnPolicyConfig(StrictModel):
+    iterations: int = Field(20, gt=0, description="Iterations of: the student samples, the teacher scores those tokens, the student updates, its new weights reach its engines.")
+    prompts_per_iteration: int = Field(8, gt=0, description="Prompts of data.train the student answers each iteration.")
+    samples_per_prompt: int = Field(4, gt=0, description="Completions the student samples per prompt.")
+    max_new_tokens: int = Field(48, gt=0, description="Most tokens per sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Student sampling temperature; the trainer's log-probs use the same one (logits / T), the teacher's are at T = 1.")
+    reward_weight: float = Field(0.0, ge=0, description="Weight of a task reward (1 when the completion's answer matches the row's output_text, else 0) added to every token's advantage; 0: pure distillation.")
+    top_k: int = Field(0, ge=0, le=20, description="0: the teacher scores only the sampled tokens (the per-token reverse-KL advantage alone). k > 0: it also returns its top-k log-probs at every sampled position and the loss adds topk_weight x the reverse KL between the student's and the teacher's next-token distributions over those k tokens plus a tail bucket, on the student's own prefixes (dense supervision; vLLM returns at most 20).")
+    topk_weight: float = Field(1.0, ge=0, description="Weight of the top-k reverse-KL term (on_policy.top_k > 0), per token as the policy loss.")
+    update_epochs: int = Field(1, gt=0, description="Passes over each iteration's samples (train.global_batch_size samples per optimizer step).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip range; matters from the second optimizer step on the same samples.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=256, max_num_seqs=64), description="The student's vLLM engines (the teacher's are teacher.engine).")
+    weight_sync: Literal["auto", "shm", "nccl"] = Field("auto", description="How the student's new weights reach its engines after every iteration (as rl.weight_sync of kind: rlhf).")
+    sync_bucket_mib: int = Field(256, gt=0, description="Weight sync bucket size in MiB.")
+    eval_examples: int = Field(64, ge=0, description="Held-out rows (evaluation.data) the student's engines answer greedily before training and every train.eval_every iterations: val_answer_accuracy in metrics.jsonl (0: off).")
+
+
 class DistillEvalConfig(StrictModel):
     data: str | None = Field(None, description="Held-out rows {input_text, output_text} whose answers are checked (default: data.validation when it has labels).")
     max_examples: int | None = Field(200, gt=0, description="Check at most this many rows.")
@@ -96,7 +115,7 @@ class DistillJobConfig(TrainingJobConfig):
     kind: Literal["distill"] = Field("distill", description="Job kind.")
     name: str = Field("distill", description="Job name; used in logs, the report and as the served model name.")
     output_dir: str = Field("outputs/distill", description="Where the job writes model/, teacher/, checkpoints/, metrics.jsonl, eval.json, report.html.")
-    method: Literal["step_by_step", "logits", "features", "relations", "self"] = Field("step_by_step", description="Distillation method.")
+    method: Literal["step_by_step", "logits", "features", "relations", "self", "on_policy"] = Field("step_by_step", description="Distillation method.")
     task_type: TaskType = Field("free", description="Answer kind: how answers are parsed and compared in evaluation (and teacher rationales).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="How the student is initialised.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model and how it is run.")
@@ -105,6 +124,7 @@ class DistillJobConfig(TrainingJobConfig):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="method: features.")
     relations: RelationsConfig = Field(default_factory=RelationsConfig, description="method: relations.")
     self_: SelfDistillConfig = Field(default_factory=SelfDistillConfig, alias="self", description="method: self.")
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="method: on_policy.")
     evaluation: DistillEvalConfig = Field(default_factory=DistillEvalConfig, description="Answer accuracy on held-out rows after training.")
 
     model_config = {**TrainingJobConfig.model_config, "populate_by_name": True, "serialize_by_alias": True}
@@ -113,9 +133,9 @@ class DistillJobConfig(TrainingJobConfig):
     def _check_method(self):
         m = self.method
         # step_by_step needs a teacher only for rows without label or rationale: checked with the data.
-        needs_teacher = m in ("logits", "features", "relations") or self.student.init == "from_teacher_layers"
+        needs_teacher = m in ("logits", "features", "relations", "on_policy") or self.student.init == "from_teacher_layers"
         if needs_teacher and self.teacher.path is None:
-            why = f"method: {m}" if m in ("logits", "features", "relations") else "student.init: from_teacher_layers"
+            why = f"method: {m}" if m in ("logits", "features", "relations", "on_policy") else "student.init: from_teacher_layers"
             raise ValueError(f"teacher.path is missing but {why} needs a teacher; set teacher.path to a model directory or built-in name")
         if self.adapter is not None and (m in ("features", "relations") or (m == "self" and self.self_.teacher == "ema")):
             raise ValueError(f"adapter (LoRA) with method: {m} is not supported here; remove adapter: for full tuning of the student")
@@ -128,6 +148,8 @@ class DistillJobConfig(TrainingJobConfig):
                                  f"train.micro_batch_size >= {need}, found {self.train.micro_batch_size}")
         if m == "self" and self.self_.teacher == "ema" and self.self_.rounds > 1:
             raise ValueError("self.rounds > 1 (born-again) needs self.teacher: frozen; an EMA teacher has no generations")
+        if m == "on_policy":
+            self._check_on_policy()
         if m == "logits" and self.logits.lmbda > 0 and self.train.max_steps is None:
             raise ValueError("logits.lmbda > 0 (on-policy rounds) needs train.max_steps (split evenly over logits.rounds)")
         # Teacher rationales are parsed, and their labels compared, as answers of the job's task_type.
@@ -139,3 +161,30 @@ class DistillJobConfig(TrainingJobConfig):
                              "answers are parsed and checked as the job's task_type: drop teacher.rationales.task_type or make them equal")
         check_rationale_sampling(r, self.teacher.sampling, "teacher.")
         return self
+
+    def _check_on_policy(self) -> None:
+        op = self.on_policy
+        samples = op.prompts_per_iteration * op.samples_per_prompt
+        if samples % self.train.global_batch_size:
+            raise ValueError(
+                f"on_policy.prompts_per_iteration ({op.prompts_per_iteration}) x on_policy.samples_per_prompt ({op.samples_per_prompt}) "
+                f"= {samples} samples per iteration must be a multiple of train.global_batch_size ({self.train.global_batch_size}), "
+                "the samples per optimizer step; change one of them")
+        if self.adapter is not None:
+            raise ValueError("adapter (LoRA) with method: on_policy is not supported yet; remove adapter: for full tuning of the student")
+        if self.resources.strategy == "fsdp":
+            raise ValueError("resources.strategy: fsdp with method: on_policy is not supported (the weight sync to the student's "
+                             "engines reads the whole weights, as kind: rlhf); use resources.strategy: ddp")
+        if op.weight_sync == "nccl" and not (self.resources.use_gpu and op.engine.use_gpu):
+            raise ValueError("on_policy.weight_sync: nccl needs GPU trainers and engines (resources.use_gpu: true and "
+                             "on_policy.engine.use_gpu: true); use 'shm' (or 'auto') otherwise")
+        if op.max_new_tokens >= op.engine.max_model_len:
+            raise ValueError(f"on_policy.max_new_tokens ({op.max_new_tokens}) must be below on_policy.engine.max_model_len "
+                             f"({op.engine.max_model_len}), which also holds the prompt; lower one or raise the other")
+        if self.teacher.engine.max_model_len < op.engine.max_model_len:
+            raise ValueError(f"teacher.engine.max_model_len ({self.teacher.engine.max_model_len}) is below on_policy.engine.max_model_len "
+                             f"({op.engine.max_model_len}): the teacher scores whole student sequences (prompt + completion); "
+                             "raise teacher.engine.max_model_len")
+        if self.train.max_steps is not None:
+            raise ValueError("train.max_steps is set but method: on_policy counts on_policy.iterations (each runs "
+                             "on_policy.update_epochs x samples / train.global_batch_size optimizer steps); remove train.max_steps")

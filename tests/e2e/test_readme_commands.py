@@ -47,6 +47,7 @@ SKIPPED = {
     "rayapp run jobs/distill_features.yaml": TRAINS,
     "rayapp run jobs/distill_relations.yaml": TRAINS,
     "rayapp run jobs/distill_self.yaml": TRAINS,
+    "rayapp run jobs/distill_on_policy.yaml": TRAINS,
     "rayapp deploy outputs/sft_tiny/model": "deploys a model on Ray Serve (tests/e2e/test_deploy.py)",
     "rayapp deploy BASE_DIR --adapter support=outputs/x/adapter": "deploys; BASE_DIR is a placeholder",
     "rayapp track outputs/sft_tiny --to tensorboard mlflow": "needs a finished job's outputs (tests/unit/test_tracking.py)",

@@ -3,7 +3,7 @@ import sys
 
 from tests.conftest import ROOT
 
-MODULES = ["sft", "step_by_step", "kd", "features", "relations", "preference", "rl"]
+MODULES = ["sft", "step_by_step", "kd", "features", "relations", "preference", "rl", "on_policy"]
 
 
 def test_algorithms_import_no_heavy_modules():

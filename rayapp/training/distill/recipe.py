@@ -23,7 +23,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from rayapp.training.distill import features, logits, relations, self_distill, step_by_step
+from rayapp.training.distill import features, logits, on_policy, relations, self_distill, step_by_step
 from rayapp.training.distill.data import DistillData, collate_distill, eval_rows
 from rayapp.training.distill.method import Method
 from rayapp.training.distill.teacher import rationale_prompt, teacher_model_dir
@@ -37,9 +37,11 @@ METHODS: dict[str, Method] = {
     "features": features.METHOD,
     "relations": relations.METHOD,
     "self": self_distill.METHOD,
+    "on_policy": on_policy.METHOD,
 }
+SUMMARY = ("reverse_kl_first", "reverse_kl_last", "tokens_trained")  # what on_policy's rounds add to the final metrics
 CURVES = {"loss": "training loss", "val_loss": "validation loss", "label_loss": "label task", "rationale_loss": "rationale task",
-          "kd_loss": "KD", "feature_loss": "features", "relation_loss": "relations"}
+          "kd_loss": "KD", "feature_loss": "features", "relation_loss": "relations", **on_policy.CURVES}
 
 
 def validate(cfg) -> str:
@@ -128,7 +130,7 @@ def run(cfg, in_process: bool = False) -> dict:
     else:
         final = train_once(cfg, data, student_ref, teacher_ref)
     answers = answer_accuracy(cfg, data, teacher_dir, store)
-    evaluation = {k: v for k, v in final.items() if k.startswith("val_") or k in ("loss", "step") or k.endswith("_loss")}
+    evaluation = {k: v for k, v in final.items() if k.startswith("val_") or k in ("loss", "step", *SUMMARY) or k.endswith("_loss")}
     for who, r in answers.items():
         evaluation[f"{who}_answer_accuracy"] = r["accuracy"]
         evaluation[f"{who}_answer_n"] = r["n"]
