@@ -270,6 +270,9 @@ def student_note(results: list[dict], student: str) -> str:
     batches = sorted({r.get("global_batch_size", 16) for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     kept = " (earlier run, kept)" if any("source" in r for r in runs) else ""
+    default = STUDENTS[student].default_steps
+    if any(s != default for s in steps):
+        kept += f" (its recipe's default: {default} steps)"
     return f"{'/'.join(map(str, steps))} steps x {'/'.join(map(str, batches))} examples, seeds {seeds}{kept}"
 
 
@@ -430,12 +433,12 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="run the full recipe on 2 Ray Train workers")
     ap.add_argument("--work", default="outputs/bench_distill_quality")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    ap.add_argument("--replot", action="store_true", help="redraw the plot from bench/results/distill_quality.json, no training")
+    ap.add_argument("--replot", action="store_true", help="redo the summary, plot and HTML from the runs in bench/results/distill_quality.json, no training")
     args = ap.parse_args()
-    if args.replot:
+    if args.replot:  # the summary, table, plot and HTML recomputed from the saved runs
         saved = json.loads((RESULTS / "distill_quality.json").read_text())
-        plot(saved["runs"], RESULTS / "distill_quality.png", saved["title"], saved.get("teacher_accuracy"), saved.get("majority_accuracy"))
-        print(f"wrote {RESULTS / 'distill_quality.png'}")
+        write_results(saved, saved["runs"])
+        print_table(saved)
         return
     if args.teacher == "oracle" and "teacher_layers" in args.students:
         raise SystemExit("--teacher oracle has no teacher model to build the teacher_layers student from; "
