@@ -10,7 +10,13 @@ looked up in the registries there. Each iteration, inside the workers:
    critic-free algorithm (GRPO) each rollout its advantage within its prompt's group, and
    broadcasts them;
 2. each rank takes its share and computes, without gradients, the old policy's log-probs (and
-   the critic's values) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0);
+   the critic's values) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0).
+   Every log-prob (old, new, reference) is of softmax(logits / sampling.temperature), the
+   distribution the engine sampled from; dropout is off in the policy (and so in the LoRA
+   reference, the same module), so two passes of the same weights agree and the first ratio is 1.
+   The engine's own log-prob of each sampled token comes with the rollout: the trainer-vs-engine
+   KL is logged (``mismatch_kl``) and, with ``rl.tis_cap``, each token's loss is weighted by
+   min(pi_old / q_engine, tis_cap) (truncated importance sampling);
 3. with a critic (PPO): the KL term (``-kl_coeff * k1``) on every token and the score on the
    last, then GAE with the value head, whitened over the batch;
 4. ``rl.update_epochs`` passes of clipped policy (+ value) loss, ``train.global_batch_size``
@@ -21,7 +27,7 @@ looked up in the registries there. Each iteration, inside the workers:
    (``rlhf_sync``). ``placement.json`` records the node of every train worker and engine.
 
 Metrics per iteration go to metrics.jsonl: reward mean/std (and each term), KL to the reference,
-entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
+engine-vs-trainer KL (mismatch_kl) and the share of capped importance weights (tis_capped), entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
 Then the shared ending: eval.json, report.html, deploy if asked.
 """
 
@@ -40,7 +46,7 @@ from rayapp.training.launch import launch, worker_context
 from rayapp.training.outputs import export_model, finish, prepare_output
 
 SERIES_PLOTS = {
-    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward"},
+    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward", "eval_accuracy": "greedy eval exact match"},
     "time": {"time_generate_s": "generate", "time_score_s": "score", "time_train_s": "train", "time_sync_s": "sync"},
 }
 LOSS_SUMS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy")  # token sums, all-reduced by name
@@ -79,6 +85,11 @@ class PolicyUpdate:
     world: int = 1
     device: Any = "cpu"
 
+    @property
+    def temperature(self) -> float:
+        """The rollouts' sampling temperature: every log-prob of the update is taken at it."""
+        return self.cfg.sampling.temperature
+
     def forward(self, batch):
         """(logits, values (B, T) from the critic, or None)."""
         if self.algo.critic:
@@ -102,9 +113,11 @@ def group_advantages(rollouts: list[dict], cfg, algo) -> None:
 
 def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[dict]:
     """Collate this rank's rollouts into micro-batches with old log-probs, reference log-probs, the
-    critic's values, and token advantages where the rollouts carry one (group advantages)."""
+    critic's values, token advantages where the rollouts carry one (group advantages), and the
+    truncated importance weights of the engine's samples (``is_weights``, with ``rl.tis_cap``)."""
     import torch
 
+    from rayapp.algorithms.rl import truncated_is_weights
     from rayapp.algorithms.sft import token_logps
     from rayapp.training.rlhf_rollout import collate_rollouts
 
@@ -116,9 +129,11 @@ def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[
             part = rollouts[k : k + mb]
             b = {key: v.to(u.device) for key, v in collate_rollouts(part, pad_id).items()}
             logits, values = u.forward(b)
-            b["old_logp"], mask = token_logps(logits, b["labels"])                 # (B, T-1)
+            b["old_logp"], mask = token_logps(logits, b["labels"], u.temperature)  # (B, T-1)
             b["mask"] = mask.float()
-            b["ref_logp"] = token_logps(u.ref(b), b["labels"])[0] if u.ref is not None else b["old_logp"]
+            b["ref_logp"] = token_logps(u.ref(b), b["labels"], u.temperature)[0] if u.ref is not None else b["old_logp"]
+            if "rollout_logp" in b and u.cfg.rl.tis_cap is not None:
+                b["is_weights"] = truncated_is_weights(b["old_logp"], b["rollout_logp"], b["mask"], u.cfg.rl.tis_cap)
             if values is not None:
                 b["old_values"] = values[:, :-1] * b["mask"]                          # (B, T-1)
             if "advantage" in part[0]:
@@ -182,9 +197,9 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
                 sync = j == len(group) - 1
                 with u.model.no_sync() if (not sync and hasattr(u.model, "no_sync")) else contextlib.nullcontext():
                     logits, values = u.forward(b)
-                    logp, _ = token_logps(logits, b["labels"])
+                    logp, _ = token_logps(logits, b["labels"], u.temperature)
                     pl, clip_frac, approx_kl = policy_loss(logp, b["old_logp"], b["adv"], b["mask"], rl.clip_eps, ref_logp=b["ref_logp"],
-                                                           kl_coef=kl_coef, normaliser=normaliser, kl=kl)
+                                                           kl_coef=kl_coef, normaliser=normaliser, kl=kl, is_weights=b.get("is_weights"))
                     loss = pl
                     if u.algo.critic:
                         vloss, _ = value_loss(values[:, :-1], b["old_values"], b["returns"], b["mask"], rl.value_clip, normaliser=normaliser)
@@ -192,7 +207,7 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
                         sums["value_loss"] += float(vloss.detach()) * normaliser
                     loss.backward()
                 with torch.no_grad():
-                    ent = entropy_from_logits(logits[:, :-1].detach())
+                    ent = entropy_from_logits(logits[:, :-1].detach().float() / u.temperature)
                     sums["entropy"] += float((ent * b["mask"]).sum())
                 sums["policy_loss"] += float(pl.detach()) * normaliser
                 n_tok = float(b["mask"].sum())
@@ -226,7 +241,7 @@ def rlhf_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from rayapp.algorithms.rl import ALGORITHMS, kl_k1
+    from rayapp.algorithms.rl import ALGORITHMS, kl_k1, mismatch_kl
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import CausalLMWithValueHead, policy_of
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
@@ -243,7 +258,7 @@ def rlhf_worker(config: dict) -> None:
     prompts, val_prompts, pool = data["prompts"], data["val"], data["pool"]
     tokenizer = load_tokenizer(data["model_dir"])
     torch.manual_seed(cfg.train.seed)  # the fresh value head is identical on every rank
-    lm = build_model(data["model_dir"], cfg)
+    lm = build_model(data["model_dir"], cfg, dropout=False)  # old and new log-probs from identical passes
     model = w.prepare(CausalLMWithValueHead(lm) if algo.critic else lm)
     steps_per_iter = rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
     opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
@@ -294,6 +309,10 @@ def rlhf_worker(config: dict) -> None:
         local = {k: sums[k] for k in LOSS_SUMS}
         local["kl_ref"] = sum(float((kl_k1(b["old_logp"], b["ref_logp"]) * b["mask"]).sum()) for b in batches)  # mean k1
         local["tokens"] = sum(float(b["mask"].sum()) for b in batches)
+        engine_batches = [b for b in batches if "rollout_logp" in b]
+        local["mismatch_kl"] = sum(float(mismatch_kl(b["old_logp"], b["rollout_logp"], b["mask"])) for b in engine_batches)
+        local["mismatch_tokens"] = sum(float(b["mask"].sum()) for b in engine_batches)
+        local["tis_capped"] = sum(float(((b["is_weights"] >= rl.tis_cap) * b["mask"]).sum()) for b in batches if "is_weights" in b)
         red = all_reduce_sums(local)
         per_token = max(red["tokens"], 1.0)
         per_update = per_token * rl.update_epochs
@@ -303,6 +322,8 @@ def rlhf_worker(config: dict) -> None:
             "reward_mean": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl_ref": red["kl_ref"] / per_token,
+            "mismatch_kl": red["mismatch_kl"] / max(red["mismatch_tokens"], 1.0),  # KL(engine || trainer) per token
+            "tis_capped": red["tis_capped"] / max(red["mismatch_tokens"], 1.0),     # share of tokens at rl.tis_cap
             **{k: red[k] / per_update for k in LOSS_SUMS if k != "value_loss" or algo.critic},
             "response_len": sum(len(r["response_ids"]) for r in rollouts) / len(rollouts),
             "lr": opt.lr,
