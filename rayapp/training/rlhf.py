@@ -221,6 +221,18 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
     return sums
 
 
+def build_policy(model_dir: str, cfg, algo):
+    """(the language model, the module trained: it with a value head when the algorithm has a
+    critic). Dropout is off (TRL's choice): the old log-probs (eval mode), the update's (train
+    mode) and the LoRA reference (the same module, adapters off) then come from identical
+    passes, so with unchanged weights every ratio is exactly 1."""
+    from rayapp.models.value_head import CausalLMWithValueHead
+    from rayapp.training.launch import build_model
+
+    lm = build_model(model_dir, cfg, dropout=False)
+    return lm, (CausalLMWithValueHead(lm) if algo.critic else lm)
+
+
 def reference(cfg, model_dir: str, lm, device):
     """The frozen reference as ``ref(batch) -> logits``, or None when ``rl.kl_coeff`` is 0."""
     if cfg.rl.kl_coeff == 0:
@@ -243,10 +255,9 @@ def rlhf_worker(config: dict) -> None:
 
     from rayapp.algorithms.rl import ALGORITHMS, kl_k1, mismatch_kl
     from rayapp.models.io import load_tokenizer
-    from rayapp.models.value_head import CausalLMWithValueHead, policy_of
+    from rayapp.models.value_head import policy_of
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
     from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
-    from rayapp.training.launch import build_model
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
     from rayapp.training.rlhf_sync import check_sync, record_placement
@@ -258,8 +269,8 @@ def rlhf_worker(config: dict) -> None:
     prompts, val_prompts, pool = data["prompts"], data["val"], data["pool"]
     tokenizer = load_tokenizer(data["model_dir"])
     torch.manual_seed(cfg.train.seed)  # the fresh value head is identical on every rank
-    lm = build_model(data["model_dir"], cfg, dropout=False)  # old and new log-probs from identical passes
-    model = w.prepare(CausalLMWithValueHead(lm) if algo.critic else lm)
+    lm, policy = build_policy(data["model_dir"], cfg, algo)
+    model = w.prepare(policy)
     steps_per_iter = rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
     opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
                           lr_multipliers={"value_head": rl.value_lr_multiplier})
