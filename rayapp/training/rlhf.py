@@ -46,7 +46,8 @@ from rayapp.training.launch import launch, worker_context
 from rayapp.training.outputs import export_model, finish, prepare_output
 
 SERIES_PLOTS = {
-    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward", "eval_accuracy": "greedy eval exact match"},
+    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward",
+               "eval_reward_exact_match": "greedy held-out exact match"},
     "time": {"time_generate_s": "generate", "time_score_s": "score", "time_train_s": "train", "time_sync_s": "sync"},
 }
 LOSS_SUMS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy")  # token sums, all-reduced by name
@@ -290,6 +291,9 @@ def rlhf_worker(config: dict) -> None:
     if rank == 0:
         truncate_metrics(metrics_path, start)
         truncate_metrics(out / "sync_check.jsonl", start)
+        if start == 0 and rl.eval_prompts and val_prompts:  # the starting policy's held-out score: a step-0 row
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, **evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])}) + "\n")
 
     for it in range(start, rl.iterations):
         t_iter = time.perf_counter()
@@ -352,7 +356,7 @@ def rlhf_worker(config: dict) -> None:
         m["sync_share"] = m["time_sync_s"] / max(m["time_iteration_s"], 1e-9)
         done = it + 1 == rl.iterations
         if rl.eval_prompts and val_prompts and rank == 0 and ((it + 1) % cfg.train.eval_every == 0 or done or it == start):
-            m["eval_reward"] = evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])
+            m.update(evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"]))
         ckpt_dir = None
         if (it + 1) % cfg.train.checkpoint_every == 0 or done:
             ckpt_dir = save_checkpoint(model, opt.optimizer, it + 1, opt.optimizer_steps, None, rank, world)
@@ -375,15 +379,20 @@ def rlhf_worker(config: dict) -> None:
     export_model(policy_of(model), tokenizer, cfg, w)  # the policy without the value head
 
 
-def evaluate_greedy(pool, prompts, cfg, reward) -> float:
-    """Mean reward of greedy completions of ``prompts`` with the engines' current weights."""
-    sampling = cfg.sampling.model_copy(update={"temperature": 0.0, "n": 1, "seed": None})
+def evaluate_greedy(pool, prompts, cfg, reward) -> dict[str, float]:
+    """Greedy completions of ``prompts`` with the engines' current weights: ``eval_reward``, their
+    mean reward, and ``eval_<term>`` the mean of each reward term (``eval_reward_exact_match``: the
+    held-out accuracy)."""
+    sampling = cfg.sampling.model_copy(update={"temperature": 0.0, "n": 1, "seed": None, "logprobs": None})
     outs = pool.generate([p.messages for p in prompts], sampling)
-    total = 0.0
+    sums: dict[str, float] = {"eval_reward": 0.0}
     for c in outs:
         p = prompts[c.prompt_index]
-        total += reward(c.text, dict(p.extra, prompt=p.messages[-1]["content"]))[0]
-    return total / max(1, len(outs))
+        score, parts = reward(c.text, dict(p.extra, prompt=p.messages[-1]["content"]))
+        sums["eval_reward"] += score
+        for key, value in parts.items():
+            sums[f"eval_{key}"] = sums.get(f"eval_{key}", 0.0) + value
+    return {k: v / max(1, len(outs)) for k, v in sums.items()}
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -446,6 +455,8 @@ def run(cfg, pool=None) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """Reward curve summary and the mean time split of an iteration."""
+    evals = [r for r in rows if "eval_reward" in r]
+    rows = [r for r in rows if "reward_mean" in r]  # not the step-0 row (the starting policy's eval alone)
     if not rows:
         return {}
     first = rows[0]["reward_mean"]
@@ -458,4 +469,7 @@ def summarize(rows: list[dict]) -> dict:
             out[f"mean_{key}"] = sum(vals) / len(vals)
     if out.get("mean_time_iteration_s"):
         out["sync_share"] = out["mean_time_sync_s"] / out["mean_time_iteration_s"]
+    if evals:
+        for key in (k for k in evals[0] if k.startswith("eval_")):
+            out[f"{key}_first"], out[f"{key}_last"] = evals[0].get(key), evals[-1].get(key)
     return out
