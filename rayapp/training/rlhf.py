@@ -431,6 +431,10 @@ def run(cfg, pool=None) -> dict:
     pool = VLLMEnginePool(model_dir, e, name="rollout", weight_transfer=transfer) if own_pool else pool
     if not own_pool:
         pool.update_weights(str(model_dir))  # an earlier job may have left other weights in the engines
+        smp = cfg.sampling
+        if getattr(pool.engine, "logprobs_mode", "processed") != "processed" and (smp.temperature != 1.0 or smp.top_p < 1.0 or smp.top_k > 0):
+            print(f"[{cfg.name}] warning: the given engine pool returns raw log-probs (engine.logprobs_mode: raw), not those of "
+                  f"its sampling at temperature {smp.temperature}: mismatch_kl and rl.tis_cap's weights will be off", flush=True)
     reward_actors = []
     try:
         if rm_dir:
