@@ -58,6 +58,7 @@ def llm_kwargs(model_path: str, engine: EngineConfig, weight_transfer: str | Non
     )
     if engine.logprobs_mode == "processed":
         kwargs["logprobs_mode"] = "processed_logprobs"
+    kwargs["worker_extension_cls"] = "rayapp.teachers.engine_reload.WeightReload"
     if engine.use_gpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         if engine.tensor_parallel_size > 1:
@@ -192,7 +193,10 @@ class LocalEngine:
     def reload_weights(self, weights_dir: str) -> float:
         """Load every *.safetensors in ``weights_dir`` (Hugging Face names) into the running engine."""
         started = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        if self.engine.use_gpu:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        else:  # vLLM's in-place reload leaves the CPU build's packed projections unchanged
+            self.llm.collective_rpc("rayapp_reload_weights", args=(str(weights_dir),))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
