@@ -19,7 +19,7 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    trainer scores the sampled tokens at T = 0.7 (what rayapp now does) and at T = 1 (what it did):
    KL(engine || trainer) per token, each way.
 
-    .venv/bin/python bench/rl_iteration.py [--iterations 40] [--sft-steps 200] [--seeds 0 1]
+    .venv/bin/python bench/rl_iteration.py [--iterations 30] [--sft-steps 150] [--seeds 0 1]
 
 Prints the accuracy table and the time split, and writes bench/results/rl_iteration.json with
 ``ratio`` = mean over seeds of held-out accuracy after RL / before (``target`` 1.5),
@@ -87,13 +87,14 @@ def mismatch(pool, model_dir: Path, prompts: list[dict], temperature: float) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--sft-rows", type=int, default=1000)
     ap.add_argument("--rl-prompts", type=int, default=1000)
     ap.add_argument("--test", type=int, default=200, help="held-out questions")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     ap.add_argument("--n", type=int, default=8, help="GRPO group size (sampling.n)")
     ap.add_argument("--prompts-per-iteration", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=5)
@@ -120,7 +121,7 @@ def main() -> None:
     overrides = [f"model.path={sft_dir}", "model.max_seq_len=128", f"data.train={work / 'rl_train.jsonl'}",
                  f"data.validation={work / 'test.jsonl'}", "rl.rewards=[{function: exact_match}]", "rl.kl_coeff=0",
                  f"rl.iterations={args.iterations}", f"rl.prompts_per_iteration={args.prompts_per_iteration}",
-                 f"rl.eval_prompts={args.test}", f"sampling={{temperature: 1.0, max_tokens: 32, n: {args.n}}}",
+                 f"rl.eval_prompts={args.test}", f"sampling={{temperature: {args.temperature}, max_tokens: 32, n: {args.n}}}",
                  f"train.learning_rate={args.lr}", f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.iterations}",
                  f"train.global_batch_size={args.prompts_per_iteration * args.n // 2}",
                  f"train.micro_batch_size={args.prompts_per_iteration * args.n // 4}"]
@@ -181,7 +182,7 @@ def main() -> None:
         "sync_phases_mean": {k: round(v, 4) for k, v in phases.items()},
         "rollouts_per_iteration": args.prompts_per_iteration * args.n,
         "setup": f"tiny Llama (4 layers, hidden 128) SFT {args.sft_steps} steps (lr {args.sft_lr}, batch 16) on {len(sft_rows)} worked "
-                 f"chain_sum answers, then GRPO (exact-match reward only, kl_coeff 0, T 1.0, n {args.n}, {args.prompts_per_iteration} "
+                 f"chain_sum answers, then GRPO (exact-match reward only, kl_coeff 0, T {args.temperature}, n {args.n}, {args.prompts_per_iteration} "
                  f"prompts/iteration, lr {args.lr}, rl.tis_cap 2) on {len(rl_rows)} other questions; 1 vLLM CPU engine, "
                  "2 Ray Train CPU workers, shared 2-core machine",
         "sft_seconds": sft_s,

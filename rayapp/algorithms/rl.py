@@ -152,7 +152,7 @@ def mismatch_kl(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: to
     Returns the token sum (); divide by mask.sum() for the mean. (B, T) inputs."""
     with torch.no_grad():
         log_r = (trainer_logp.float() - rollout_logp.float()).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-        return ((torch.exp(log_r) - 1.0 - log_r) * mask.to(torch.float32)).sum()
+        return ((torch.expm1(log_r) - log_r).clamp(min=0.0) * mask.to(torch.float32)).sum()  # expm1: exact near 0
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
