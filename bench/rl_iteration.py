@@ -19,7 +19,10 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    trainer scores the sampled tokens at T = 0.7 (what rayapp now does) and at T = 1 (what it did):
    KL(engine || trainer) per token, each way.
 
-    .venv/bin/python bench/rl_iteration.py [--iterations 30] [--sft-steps 150] [--seeds 0 1]
+    .venv/bin/python bench/rl_iteration.py [--iterations 30] [--sft-steps 400] [--lr 5e-5] [--seeds 0 1]
+
+On a machine shared with other jobs, run it with OMP_NUM_THREADS=1: the in-process SFT's two
+OpenMP threads then stop spinning against the other jobs (here 20x faster: 400 steps in 92 s).
 
 Prints the accuracy table and the time split, and writes bench/results/rl_iteration.json with
 ``ratio`` = mean over seeds of held-out accuracy after RL / before (``target`` 1.5),
@@ -88,12 +91,12 @@ def mismatch(pool, model_dir: Path, prompts: list[dict], temperature: float) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=30)
-    ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--sft-rows", type=int, default=1000)
     ap.add_argument("--rl-prompts", type=int, default=1000)
     ap.add_argument("--test", type=int, default=200, help="held-out questions")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     ap.add_argument("--n", type=int, default=8, help="GRPO group size (sampling.n)")
     ap.add_argument("--prompts-per-iteration", type=int, default=8)
