@@ -27,7 +27,10 @@ looked up in the registries there. Each iteration, inside the workers:
    (``rlhf_sync``). ``placement.json`` records the node of every train worker and engine.
 
 Metrics per iteration go to metrics.jsonl: reward mean/std (and each term), KL to the reference,
-engine-vs-trainer KL (mismatch_kl) and the share of capped importance weights (tis_capped), entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
+engine-vs-trainer KL (mismatch_kl) and the share of capped importance weights (tis_capped),
+entropy, response length, clip fraction, value loss, time split (generate / score / train / sync);
+with ``rl.eval_prompts``, greedy held-out reward and each term (``eval_reward_exact_match``), also
+at step 0 for the starting policy.
 Then the shared ending: eval.json, report.html, deploy if asked.
 """
 
