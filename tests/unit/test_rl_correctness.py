@@ -75,7 +75,7 @@ def test_is_weights_scale_each_tokens_surrogate():
     loss.backward()
     assert logp.grad.tolist()[0] == pytest.approx([-2 / 3, 0.5 / 3, -2 / 3], abs=1e-6)  # d(-A w rho)/dlogp = -A w / 3
     plain, _, _ = ppo_policy_loss(logp, logp.detach(), adv, mask, 0.2)
-    assert float(plain) == pytest.approx(-2 / 3, abs=1e-6)
+    assert float(plain.detach()) == pytest.approx(-2 / 3, abs=1e-6)
     # GRPO: the weights multiply the surrogate, not the KL term (0 here: ref = logp)
     g, _, _ = grpo_policy_loss(logp, logp.detach(), adv, mask, 0.2, ref_logp=logp.detach(), kl_coef=0.1, is_weights=w)
     assert float(g) == pytest.approx(-3.5 / 3, abs=1e-6)
