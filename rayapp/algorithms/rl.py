@@ -16,7 +16,8 @@ import torch
 
 from rayapp.algorithms.sft import masked_mean
 
-LOG_RATIO_CLAMP = 20.0  # |log(p_ref / p)| is clamped here before exp, so k3 cannot overflow
+LOG_RATIO_CLAMP = 20.0  # the PPO ratio's log is clamped here (above) before exp, so it cannot overflow
+KL_LOG_RATIO_CLAMP = 10.0  # k3's log(p_ref / p) is clamped to +-10 (as verl does): exp(10) - 11 ~ 2.2e4 at most
 
 
 def _agg(per_token: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
@@ -119,12 +120,39 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 = (r - 1) - log r, r = p_ref / p: unbiased (E_p[r] = 1) and >= 0 (log r <= r - 1); the
-    GRPO KL term. log r is clamped to +-20 so exp cannot overflow."""
-    log_r = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    GRPO KL term. log r is clamped to +-10 first, as verl does: unclamped, one token the policy has
+    pushed far below the reference (log r = 15) gives k3 = 3.3e6 and swamps the loss; clamped it
+    gives exp(10) - 11 = 2.2e4, and the gradient past the clamp is 0."""
+    log_r = (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     return torch.exp(log_r) - 1.0 - log_r
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"; verl's and TRL's TIS): the rollouts were sampled by the engine's
+    q (vLLM), not the trainer's pi_old, and the two differ (kernels, precision, a weight sync that
+    lost something), so each token's loss is weighted by
+
+        w_t = min(pi_old(y_t) / q(y_t), cap) = min(exp(old_logp - rollout_logp), cap)
+
+    detached (a constant per token). Truncating at ``cap`` bounds the variance at the cost of a
+    little bias. old_logp, rollout_logp, mask (B, T) -> w (B, T), 0 where mask is 0."""
+    with torch.no_grad():
+        log_w = (old_logp.float() - rollout_logp.float()).clamp(max=LOG_RATIO_CLAMP)
+        return torch.exp(log_w).clamp(max=cap) * mask.to(torch.float32)
+
+
+def mismatch_kl(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(q || pi) between the engine's sampling distribution q and the trainer's pi, estimated on
+    the tokens q sampled with k3: r = pi / q, k3 = r - 1 - log r (>= 0, unbiased since E_q[r] = 1).
+    Returns the token sum (); divide by mask.sum() for the mean. (B, T) inputs."""
+    with torch.no_grad():
+        log_r = (trainer_logp.float() - rollout_logp.float()).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+        return ((torch.expm1(log_r) - log_r).clamp(min=0.0) * mask.to(torch.float32)).sum()  # expm1: exact near 0
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -150,11 +178,14 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float, ref_logp: torch.Tensor | None = None,
-                    kl_coef: float = 0.0, normaliser=None, kl=kl_k3
+                    kl_coef: float = 0.0, normaliser=None, kl=kl_k3, is_weights: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017), per token with rho = exp(logp - old_logp):
 
-        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+        L = mean_t w_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+
+    with w_t the truncated importance weights of the engine's samples (``is_weights``,
+    :func:`truncated_is_weights`; 1 when None), applied to the clipped term as verl does.
 
     Clipping is active where the clipped term is strictly larger, i.e. rho > 1 + eps with A > 0
     or rho < 1 - eps with A < 0; there the gradient is 0. At exactly 1 +- eps nothing is clipped.
@@ -170,7 +201,10 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     adv = advantages.detach().float()
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _agg(torch.maximum(unclipped, clipped), mask, normaliser)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().float()
+    loss = _agg(per_token, mask, normaliser)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
@@ -179,15 +213,15 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                      mask: torch.Tensor, clip_eps: float, ref_logp: torch.Tensor | None = None,
-                     kl_coef: float = 0.0, normaliser=None, kl=kl_k3
+                     kl_coef: float = 0.0, normaliser=None, kl=kl_k3, is_weights: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GRPO objective: the PPO clipped surrogate plus kl_coef * kl(logp, ref_logp) in the loss
     (DeepSeekMath puts the KL in the loss, not the reward, estimated with k3; ``kl`` is a
     KL_ESTIMATORS entry). Token-mean aggregation over the
-    batch (DAPO's choice; the paper averages per sequence first). Same shapes and returns as
-    ``ppo_policy_loss``."""
+    batch (DAPO's choice; the paper averages per sequence first). ``is_weights`` weight the
+    surrogate only, not the KL term (as verl). Same shapes and returns as ``ppo_policy_loss``."""
     loss, clip_fraction, approx_kl = ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps,
-                                                     normaliser=normaliser)
+                                                     normaliser=normaliser, is_weights=is_weights)
     if kl_coef:
         if ref_logp is None:
             raise ValueError("grpo_policy_loss: kl_coef > 0 needs ref_logp")

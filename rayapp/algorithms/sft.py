@@ -63,16 +63,22 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return loss_sum, n_tokens
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each labelled next token, and the mask of labelled positions.
 
     logits (B, T, V), labels (B, T) with -100. log p(y_{t+1} | <= t) = z_t[y_{t+1}] - logsumexp(z_t),
-    gathered without materialising a (B, T, V) log-softmax. Returns (logps (B, T-1) float32,
+    gathered without materialising a (B, T, V) log-softmax. ``temperature`` T: the log-probs of
+    the distribution softmax(z / T) that a sampler at temperature T draws from (RL scores its
+    rollouts at the temperature the engine sampled them at). Returns (logps (B, T-1) float32,
     zero where unlabelled; mask (B, T-1) bool).
     """
+    if temperature <= 0:
+        raise ValueError(f"token_logps: temperature must be > 0 (got {temperature}); greedy decoding has no log-probs to score")
     z, y = _shift(logits, labels)                                   # (B, T-1, V), (B, T-1)
     mask = y != IGNORE_INDEX                                        # (B, T-1)
     z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
     picked = z.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     logps = picked - torch.logsumexp(z, dim=-1)                     # (B, T-1)
     return torch.where(mask, logps, torch.zeros_like(logps)), mask

@@ -201,6 +201,10 @@ class EngineConfig(StrictModel):
     enforce_eager: bool = Field(True, description="Skip graph compilation (much faster start on CPU).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Engine dtype (float32 on CPU).")
     seed: int = Field(0, description="Engine sampling seed.")
+    logprobs_mode: Literal["raw", "processed"] = Field(
+        "raw", description="Log-probs the engine returns (sampling.logprobs): 'raw' from the model's logits (temperature 1), "
+                           "'processed' from the distribution it samples from (after temperature, top-k, top-p; vLLM's "
+                           "processed_logprobs). kind: rlhf defaults to 'processed'.")
     cpu_threads_bind: str = Field(
         "auto", pattern=r"^(auto|all|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
         description="CPU engines only (VLLM_CPU_OMP_THREADS_BIND). 'auto', vLLM's default, keeps one core per engine "

@@ -53,7 +53,7 @@ class LogitsConfig(StrictModel):
     topk_mode: Literal["tail", "renormalise"] = Field("tail", description="'tail': K tokens plus one bucket for the rest (a true divergence); 'renormalise': both restricted to the K tokens.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Token divergence; 'jsd' uses beta.")
     beta: float = Field(0.5, ge=0, le=1, description="GKD beta: 0 forward KL, 1 reverse KL, between the generalised JSD.")
-    temperature: float = Field(1.0, gt=0, description="Softening temperature (loss scaled by T^2); the teacher log-probs are taken at T = 1, so keep 1 unless they were requested at T.")
+    temperature: float = Field(1.0, gt=0, description="Must be 1: the teacher's top-k log-probs come from vLLM at temperature 1, so only the student's logits could be softened (the validator refuses other values).")
     responses: Literal["given", "teacher"] = Field("given", description="Sequence-level KD over the rows' output_text ('given') or over responses the teacher writes ('teacher').")
     lmbda: float = Field(0.0, ge=0, le=1, description="GKD on-policy fraction: share of prompts answered by the student (sampled between rounds) and scored by the teacher.")
     rounds: int = Field(1, gt=0, description="On-policy rounds: export student -> sample -> teacher scores -> train; each round trains train.max_steps / rounds steps.")
@@ -150,6 +150,12 @@ class DistillJobConfig(TrainingJobConfig):
             raise ValueError("self.rounds > 1 (born-again) needs self.teacher: frozen; an EMA teacher has no generations")
         if m == "on_policy":
             self._check_on_policy()
+        if m == "logits" and self.logits.temperature != 1.0:
+            raise ValueError(
+                f"logits.temperature is {self.logits.temperature}, but method: logits receives the teacher's top-k log-probs "
+                "from vLLM at temperature 1 (their log-softmax cannot be re-softened: the rest of the vocabulary is missing), "
+                "so only the student would be softened and the two would be compared at different temperatures; set "
+                "logits.temperature: 1, or use method: self (the teacher runs in the worker and self.temperature softens both)")
         if m == "logits" and self.logits.lmbda > 0 and self.train.max_steps is None:
             raise ValueError("logits.lmbda > 0 (on-policy rounds) needs train.max_steps (split evenly over logits.rounds)")
         # Teacher rationales are parsed, and their labels compared, as answers of the job's task_type.

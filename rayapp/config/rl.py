@@ -86,6 +86,7 @@ class RLConfig(StrictModel):
     sync_bucket_mib: int = Field(256, gt=0, description="Weight sync: gathered weights are sent in buckets of this many MiB (no process holds more than two buckets of them at once).")
     sync_check_prompts: int = Field(0, ge=0, description="After each weight sync, the engines generate greedily for this many training prompts and the policy scores those tokens: metrics get sync_check_max_logp_diff (engine vs trainer log-probs; 0 up to numerics when the engines hold the new weights) and sync_check.jsonl the tokens. 0: off.")
     eval_prompts: int = Field(0, ge=0, description="Greedy evaluation on this many validation prompts at the start and every train.eval_every iterations (0: off).")
+    tis_cap: float | None = Field(2.0, gt=0, description="Truncated importance sampling: each token's loss is weighted by min(pi_old / q_vllm, tis_cap), correcting for the engine sampling from a slightly different distribution than the trainer computes; null turns the correction off (the mismatch is still logged as mismatch_kl).")
 
 
 class RLHFJobConfig(TrainingJobConfig):
@@ -105,7 +106,23 @@ class RLHFJobConfig(TrainingJobConfig):
     rl: RLConfig = Field(default_factory=RLConfig, description="RL loop settings.")
 
     @model_validator(mode="after")
+    def _rl_defaults(self):
+        """RL's own defaults where the user's block leaves a field out (a given ``sampling:`` or
+        ``engine:`` block replaces the default_factory above whole): sampling at temperature 1.0,
+        the policy's own distribution, not the base default 0.7; engines that return the log-probs
+        of the distribution they sampled from (after temperature, top-k, top-p), which truncated
+        importance sampling and mismatch_kl compare with the trainer's."""
+        if "temperature" not in self.sampling.model_fields_set:
+            self.sampling = self.sampling.model_copy(update={"temperature": 1.0})
+        if "logprobs_mode" not in self.engine.model_fields_set:
+            self.engine = self.engine.model_copy(update={"logprobs_mode": "processed"})
+        return self
+
+    @model_validator(mode="after")
     def _check_rl(self):
+        if self.sampling.temperature <= 0:
+            raise ValueError(f"sampling.temperature is {self.sampling.temperature}, but RL rollouts must be sampled "
+                             "(the updates score them at that temperature); set sampling.temperature > 0 (1.0: the policy itself)")
         rollouts = self.rl.prompts_per_iteration * self.sampling.n
         if rollouts % self.train.global_batch_size:
             raise ValueError(

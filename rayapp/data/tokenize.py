@@ -75,6 +75,13 @@ def _render(tokenizer, messages: list[Message], template: str | None, generation
     )
 
 
+def render_conversation(tokenizer, messages: list[Message], chat_template: str = "auto") -> str:
+    """The whole conversation as :func:`encode_example` renders it for training under
+    ``data.chat_template`` (the tokenizer's template, or PLAIN_CHAT_TEMPLATE): what a model trained
+    on such rows (a reward model) must be shown when it scores."""
+    return _render(tokenizer, messages, None if use_chat_template(tokenizer, chat_template) else PLAIN_CHAT_TEMPLATE)
+
+
 def response_spans(tokenizer, messages: list[Message], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span ``[start, end)`` of every assistant turn."""
     full = _render(tokenizer, messages, template)

@@ -56,6 +56,8 @@ def llm_kwargs(model_path: str, engine: EngineConfig, weight_transfer: str | Non
         seed=engine.seed,
         tensor_parallel_size=engine.tensor_parallel_size,
     )
+    if engine.logprobs_mode == "processed":
+        kwargs["logprobs_mode"] = "processed_logprobs"
     kwargs["worker_extension_cls"] = "rayapp.teachers.engine_reload.WeightReload"
     if engine.use_gpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization

@@ -125,7 +125,7 @@ def dpo_worker(config: dict) -> None:
     w = worker_context(config)
     cfg, data = w.cfg, w.payload
     tokenizer = load_tokenizer(data["model_dir"])
-    model = w.prepare(build_model(data["model_dir"], cfg))
+    model = w.prepare(build_model(data["model_dir"], cfg, dropout=False))  # reference and policy passes alike
     pad_id = tokenizer.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     train_items, val_items = data["train"], data["val"]

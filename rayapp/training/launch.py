@@ -228,15 +228,17 @@ def record_workers(w: WorkerContext, node_id: str | None) -> list[dict]:
     return everyone
 
 
-def build_model(model_dir: str, cfg):
-    """The model a worker trains: the base from ``model_dir``, then LoRA when ``adapter`` is set."""
-    from rayapp.models.io import load_causal_lm
+def build_model(model_dir: str, cfg, dropout: bool = True):
+    """The model a worker trains: the base from ``model_dir``, then LoRA when ``adapter`` is set.
+    ``dropout=False`` turns every dropout off (``rayapp.models.io.disable_dropout``): RL and DPO,
+    whose losses compare two passes of the same weights."""
+    from rayapp.models.io import disable_dropout, load_causal_lm
     from rayapp.models.lora import apply_lora
 
     model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.adapter is not None:
         model = apply_lora(model, cfg.adapter)
-    return model
+    return model if dropout else disable_dropout(model)
 
 
 def launch(worker_fn, cfg, *, in_process: bool = False, store=None, **payload) -> dict:

@@ -10,7 +10,13 @@ looked up in the registries there. Each iteration, inside the workers:
    critic-free algorithm (GRPO) each rollout its advantage within its prompt's group, and
    broadcasts them;
 2. each rank takes its share and computes, without gradients, the old policy's log-probs (and
-   the critic's values) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0);
+   the critic's values) and the frozen reference's log-probs (skipped when ``rl.kl_coeff`` is 0).
+   Every log-prob (old, new, reference) is of softmax(logits / sampling.temperature), the
+   distribution the engine sampled from; dropout is off in the policy (and so in the LoRA
+   reference, the same module), so two passes of the same weights agree and the first ratio is 1.
+   The engine's own log-prob of each sampled token comes with the rollout: the trainer-vs-engine
+   KL is logged (``mismatch_kl``) and, with ``rl.tis_cap``, each token's loss is weighted by
+   min(pi_old / q_engine, tis_cap) (truncated importance sampling);
 3. with a critic (PPO): the KL term (``-kl_coeff * k1``) on every token and the score on the
    last, then GAE with the value head, whitened over the batch;
 4. ``rl.update_epochs`` passes of clipped policy (+ value) loss, ``train.global_batch_size``
@@ -21,7 +27,10 @@ looked up in the registries there. Each iteration, inside the workers:
    (``rlhf_sync``). ``placement.json`` records the node of every train worker and engine.
 
 Metrics per iteration go to metrics.jsonl: reward mean/std (and each term), KL to the reference,
-entropy, response length, clip fraction, value loss, time split (generate / score / train / sync).
+engine-vs-trainer KL (mismatch_kl) and the share of capped importance weights (tis_capped),
+entropy, response length, clip fraction, value loss, time split (generate / score / train / sync);
+with ``rl.eval_prompts``, greedy held-out reward and each term (``eval_reward_exact_match``), also
+at step 0 for the starting policy.
 Then the shared ending: eval.json, report.html, deploy if asked.
 """
 
@@ -40,7 +49,8 @@ from rayapp.training.launch import launch, worker_context
 from rayapp.training.outputs import export_model, finish, prepare_output
 
 SERIES_PLOTS = {
-    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward"},
+    "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward",
+               "eval_reward_exact_match": "greedy held-out exact match"},
     "time": {"time_generate_s": "generate", "time_score_s": "score", "time_train_s": "train", "time_sync_s": "sync"},
 }
 LOSS_SUMS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy")  # token sums, all-reduced by name
@@ -79,6 +89,11 @@ class PolicyUpdate:
     world: int = 1
     device: Any = "cpu"
 
+    @property
+    def temperature(self) -> float:
+        """The rollouts' sampling temperature: every log-prob of the update is taken at it."""
+        return self.cfg.sampling.temperature
+
     def forward(self, batch):
         """(logits, values (B, T) from the critic, or None)."""
         if self.algo.critic:
@@ -102,9 +117,11 @@ def group_advantages(rollouts: list[dict], cfg, algo) -> None:
 
 def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[dict]:
     """Collate this rank's rollouts into micro-batches with old log-probs, reference log-probs, the
-    critic's values, and token advantages where the rollouts carry one (group advantages)."""
+    critic's values, token advantages where the rollouts carry one (group advantages), and the
+    truncated importance weights of the engine's samples (``is_weights``, with ``rl.tis_cap``)."""
     import torch
 
+    from rayapp.algorithms.rl import truncated_is_weights
     from rayapp.algorithms.sft import token_logps
     from rayapp.training.rlhf_rollout import collate_rollouts
 
@@ -116,9 +133,11 @@ def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[
             part = rollouts[k : k + mb]
             b = {key: v.to(u.device) for key, v in collate_rollouts(part, pad_id).items()}
             logits, values = u.forward(b)
-            b["old_logp"], mask = token_logps(logits, b["labels"])                 # (B, T-1)
+            b["old_logp"], mask = token_logps(logits, b["labels"], u.temperature)  # (B, T-1)
             b["mask"] = mask.float()
-            b["ref_logp"] = token_logps(u.ref(b), b["labels"])[0] if u.ref is not None else b["old_logp"]
+            b["ref_logp"] = token_logps(u.ref(b), b["labels"], u.temperature)[0] if u.ref is not None else b["old_logp"]
+            if "rollout_logp" in b and u.cfg.rl.tis_cap is not None:
+                b["is_weights"] = truncated_is_weights(b["old_logp"], b["rollout_logp"], b["mask"], u.cfg.rl.tis_cap)
             if values is not None:
                 b["old_values"] = values[:, :-1] * b["mask"]                          # (B, T-1)
             if "advantage" in part[0]:
@@ -182,9 +201,9 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
                 sync = j == len(group) - 1
                 with u.model.no_sync() if (not sync and hasattr(u.model, "no_sync")) else contextlib.nullcontext():
                     logits, values = u.forward(b)
-                    logp, _ = token_logps(logits, b["labels"])
+                    logp, _ = token_logps(logits, b["labels"], u.temperature)
                     pl, clip_frac, approx_kl = policy_loss(logp, b["old_logp"], b["adv"], b["mask"], rl.clip_eps, ref_logp=b["ref_logp"],
-                                                           kl_coef=kl_coef, normaliser=normaliser, kl=kl)
+                                                           kl_coef=kl_coef, normaliser=normaliser, kl=kl, is_weights=b.get("is_weights"))
                     loss = pl
                     if u.algo.critic:
                         vloss, _ = value_loss(values[:, :-1], b["old_values"], b["returns"], b["mask"], rl.value_clip, normaliser=normaliser)
@@ -192,7 +211,7 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
                         sums["value_loss"] += float(vloss.detach()) * normaliser
                     loss.backward()
                 with torch.no_grad():
-                    ent = entropy_from_logits(logits[:, :-1].detach())
+                    ent = entropy_from_logits(logits[:, :-1].detach().float() / u.temperature)
                     sums["entropy"] += float((ent * b["mask"]).sum())
                 sums["policy_loss"] += float(pl.detach()) * normaliser
                 n_tok = float(b["mask"].sum())
@@ -204,6 +223,18 @@ def update(u: PolicyUpdate, batches: list[dict]) -> dict:
             n_steps += 1
     sums["steps"] = n_steps
     return sums
+
+
+def build_policy(model_dir: str, cfg, algo):
+    """(the language model, the module trained: it with a value head when the algorithm has a
+    critic). Dropout is off (TRL's choice): the old log-probs (eval mode), the update's (train
+    mode) and the LoRA reference (the same module, adapters off) then come from identical
+    passes, so with unchanged weights every ratio is exactly 1."""
+    from rayapp.models.value_head import CausalLMWithValueHead
+    from rayapp.training.launch import build_model
+
+    lm = build_model(model_dir, cfg, dropout=False)
+    return lm, (CausalLMWithValueHead(lm) if algo.critic else lm)
 
 
 def reference(cfg, model_dir: str, lm, device):
@@ -226,12 +257,11 @@ def rlhf_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from rayapp.algorithms.rl import ALGORITHMS, kl_k1
+    from rayapp.algorithms.rl import ALGORITHMS, kl_k1, mismatch_kl
     from rayapp.models.io import load_tokenizer
-    from rayapp.models.value_head import CausalLMWithValueHead, policy_of
+    from rayapp.models.value_head import policy_of
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
     from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
-    from rayapp.training.launch import build_model
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
     from rayapp.training.rlhf_sync import check_sync, record_placement
@@ -243,8 +273,8 @@ def rlhf_worker(config: dict) -> None:
     prompts, val_prompts, pool = data["prompts"], data["val"], data["pool"]
     tokenizer = load_tokenizer(data["model_dir"])
     torch.manual_seed(cfg.train.seed)  # the fresh value head is identical on every rank
-    lm = build_model(data["model_dir"], cfg)
-    model = w.prepare(CausalLMWithValueHead(lm) if algo.critic else lm)
+    lm, policy = build_policy(data["model_dir"], cfg, algo)
+    model = w.prepare(policy)
     steps_per_iter = rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
     opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
                           lr_multipliers={"value_head": rl.value_lr_multiplier})
@@ -264,6 +294,9 @@ def rlhf_worker(config: dict) -> None:
     if rank == 0:
         truncate_metrics(metrics_path, start)
         truncate_metrics(out / "sync_check.jsonl", start)
+        if start == 0 and rl.eval_prompts and val_prompts:  # the starting policy's held-out score: a step-0 row
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, **evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])}) + "\n")
 
     for it in range(start, rl.iterations):
         t_iter = time.perf_counter()
@@ -294,6 +327,10 @@ def rlhf_worker(config: dict) -> None:
         local = {k: sums[k] for k in LOSS_SUMS}
         local["kl_ref"] = sum(float((kl_k1(b["old_logp"], b["ref_logp"]) * b["mask"]).sum()) for b in batches)  # mean k1
         local["tokens"] = sum(float(b["mask"].sum()) for b in batches)
+        engine_batches = [b for b in batches if "rollout_logp" in b]
+        local["mismatch_kl"] = sum(float(mismatch_kl(b["old_logp"], b["rollout_logp"], b["mask"])) for b in engine_batches)
+        local["mismatch_tokens"] = sum(float(b["mask"].sum()) for b in engine_batches)
+        local["tis_capped"] = sum(float(((b["is_weights"] >= rl.tis_cap) * b["mask"]).sum()) for b in batches if "is_weights" in b)
         red = all_reduce_sums(local)
         per_token = max(red["tokens"], 1.0)
         per_update = per_token * rl.update_epochs
@@ -303,6 +340,8 @@ def rlhf_worker(config: dict) -> None:
             "reward_mean": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl_ref": red["kl_ref"] / per_token,
+            "mismatch_kl": red["mismatch_kl"] / max(red["mismatch_tokens"], 1.0),  # KL(engine || trainer) per token
+            "tis_capped": red["tis_capped"] / max(red["mismatch_tokens"], 1.0),     # share of tokens at rl.tis_cap
             **{k: red[k] / per_update for k in LOSS_SUMS if k != "value_loss" or algo.critic},
             "response_len": sum(len(r["response_ids"]) for r in rollouts) / len(rollouts),
             "lr": opt.lr,
@@ -320,7 +359,7 @@ def rlhf_worker(config: dict) -> None:
         m["sync_share"] = m["time_sync_s"] / max(m["time_iteration_s"], 1e-9)
         done = it + 1 == rl.iterations
         if rl.eval_prompts and val_prompts and rank == 0 and ((it + 1) % cfg.train.eval_every == 0 or done or it == start):
-            m["eval_reward"] = evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"])
+            m.update(evaluate_greedy(pool, val_prompts[: rl.eval_prompts], cfg, data["reward"]))
         ckpt_dir = None
         if (it + 1) % cfg.train.checkpoint_every == 0 or done:
             ckpt_dir = save_checkpoint(model, opt.optimizer, it + 1, opt.optimizer_steps, None, rank, world)
@@ -343,15 +382,20 @@ def rlhf_worker(config: dict) -> None:
     export_model(policy_of(model), tokenizer, cfg, w)  # the policy without the value head
 
 
-def evaluate_greedy(pool, prompts, cfg, reward) -> float:
-    """Mean reward of greedy completions of ``prompts`` with the engines' current weights."""
-    sampling = cfg.sampling.model_copy(update={"temperature": 0.0, "n": 1, "seed": None})
+def evaluate_greedy(pool, prompts, cfg, reward) -> dict[str, float]:
+    """Greedy completions of ``prompts`` with the engines' current weights: ``eval_reward``, their
+    mean reward, and ``eval_<term>`` the mean of each reward term (``eval_reward_exact_match``: the
+    held-out accuracy)."""
+    sampling = cfg.sampling.model_copy(update={"temperature": 0.0, "n": 1, "seed": None, "logprobs": None})
     outs = pool.generate([p.messages for p in prompts], sampling)
-    total = 0.0
+    sums: dict[str, float] = {"eval_reward": 0.0}
     for c in outs:
         p = prompts[c.prompt_index]
-        total += reward(c.text, dict(p.extra, prompt=p.messages[-1]["content"]))[0]
-    return total / max(1, len(outs))
+        score, parts = reward(c.text, dict(p.extra, prompt=p.messages[-1]["content"]))
+        sums["eval_reward"] += score
+        for key, value in parts.items():
+            sums[f"eval_{key}"] = sums.get(f"eval_{key}", 0.0) + value
+    return {k: v / max(1, len(outs)) for k, v in sums.items()}
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -390,6 +434,10 @@ def run(cfg, pool=None) -> dict:
     pool = VLLMEnginePool(model_dir, e, name="rollout", weight_transfer=transfer) if own_pool else pool
     if not own_pool:
         pool.update_weights(str(model_dir))  # an earlier job may have left other weights in the engines
+        smp = cfg.sampling
+        if getattr(pool.engine, "logprobs_mode", "processed") != "processed" and (smp.temperature != 1.0 or smp.top_p < 1.0 or smp.top_k > 0):
+            print(f"[{cfg.name}] warning: the given engine pool returns raw log-probs (engine.logprobs_mode: raw), not those of "
+                  f"its sampling at temperature {smp.temperature}: mismatch_kl and rl.tis_cap's weights will be off", flush=True)
     reward_actors = []
     try:
         if rm_dir:
@@ -414,6 +462,8 @@ def run(cfg, pool=None) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """Reward curve summary and the mean time split of an iteration."""
+    evals = [r for r in rows if "eval_reward" in r]
+    rows = [r for r in rows if "reward_mean" in r]  # not the step-0 row (the starting policy's eval alone)
     if not rows:
         return {}
     first = rows[0]["reward_mean"]
@@ -426,4 +476,7 @@ def summarize(rows: list[dict]) -> dict:
             out[f"mean_{key}"] = sum(vals) / len(vals)
     if out.get("mean_time_iteration_s"):
         out["sync_share"] = out["mean_time_sync_s"] / out["mean_time_iteration_s"]
+    if evals:
+        for key in (k for k in evals[0] if k.startswith("eval_")):
+            out[f"{key}_first"], out[f"{key}_last"] = evals[0].get(key), evals[-1].get(key)
     return out

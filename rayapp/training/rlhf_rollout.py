@@ -2,18 +2,34 @@
 actors, and turn the result into padded tensors for the policy update.
 
 A rollout is a plain dict (it is broadcast from rank 0 to every train rank):
-``{"prompt_ids", "response_ids", "text", "score", "parts", "group"}``.
+``{"prompt_ids", "response_ids", "text", "score", "parts", "group"}``, plus ``rollout_logps`` when the engine
+returned log-probs.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rayapp.errors import UserError
 
 
 class RolloutError(UserError, RuntimeError):
     pass
+
+
+def trained_chat_template(model_dir: str | Path) -> str:
+    """The ``data.chat_template`` a job's model was trained with, from the config.resolved.yaml its
+    job left beside model/ (or in it); 'auto' when there is none (a model from elsewhere)."""
+    import yaml
+
+    from rayapp.config.loader import RESOLVED_CONFIG
+
+    for d in (Path(model_dir), Path(model_dir).parent):
+        if (d / RESOLVED_CONFIG).exists():
+            resolved = yaml.safe_load((d / RESOLVED_CONFIG).read_text()) or {}
+            return (resolved.get("data") or {}).get("chat_template", "auto")
+    return "auto"
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -23,7 +39,9 @@ def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 class RewardModelActor:
-    """A reward model (a reward_model job's model/) scoring (prompt, response) conversations; runs as a Ray actor."""
+    """A reward model (a reward_model job's model/) scoring (prompt, response) conversations; runs as a
+    Ray actor. Conversations are rendered as its training rows were (its job's data.chat_template:
+    with 'never', plain text, not the tokenizer's chat template)."""
 
     def __init__(self, model_dir: str, threads: int = 1):
         import torch
@@ -35,11 +53,14 @@ class RewardModelActor:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.chat_template = trained_chat_template(model_dir)
 
     def score(self, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
         import torch
 
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        from rayapp.data.tokenize import render_conversation
+
+        texts = [render_conversation(self.tokenizer, c, self.chat_template) for c in conversations]
         out: list[float] = []
         self.tokenizer.padding_side = "right"
         with torch.no_grad():
@@ -59,10 +80,15 @@ def start_reward_actors(model_dir: str, n: int, cpus: float) -> list:
 
 
 def collect_rollouts(pool, prompts: list, sampling, tokenizer, reward, reward_actors: list, rm_weight: float) -> tuple[list[dict], dict]:
-    """Generate for ``prompts`` (PromptRecords), score every completion; returns (rollouts, timings)."""
+    """Generate for ``prompts`` (PromptRecords), score every completion; returns (rollouts, timings).
+    Each rollout carries ``rollout_logps``, the engine's log-prob of each token it sampled (vLLM
+    returns the sampled token's with ``logprobs=0``; of the distribution it sampled from when the
+    engine runs with ``engine.logprobs_mode: processed``)."""
     import ray
 
     t0 = time.perf_counter()
+    if sampling.logprobs is None:
+        sampling = sampling.model_copy(update={"logprobs": 0})
     completions = pool.generate([p.messages for p in prompts], sampling)
     t_gen = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -80,10 +106,11 @@ def collect_rollouts(pool, prompts: list, sampling, tokenizer, reward, reward_ac
         row = dict(record.extra)
         row["prompt"] = record.messages[-1]["content"]
         score, parts = reward(c.text, row) if reward is not None else (0.0, {})
-        rollouts.append(
-            {"prompt_ids": ids, "response_ids": list(c.token_ids), "text": c.text, "score": score, "parts": parts,
-             "group": c.prompt_index, "finish_reason": c.finish_reason}
-        )
+        rollout = {"prompt_ids": ids, "response_ids": list(c.token_ids), "text": c.text, "score": score, "parts": parts,
+                   "group": c.prompt_index, "finish_reason": c.finish_reason}
+        if c.logprobs is not None:
+            rollout["rollout_logps"] = [lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        rollouts.append(rollout)
     if reward_actors:
         conversations = [prompts[r["group"]].messages + [{"role": "assistant", "content": r["text"]}] for r in rollouts]
         shards = [list(range(k, len(conversations), len(reward_actors))) for k in range(len(reward_actors))]
@@ -97,7 +124,9 @@ def collect_rollouts(pool, prompts: list, sampling, tokenizer, reward, reward_ac
 
 def collate_rollouts(rollouts: list[dict], pad_id: int) -> dict:
     """Right-padded ``input_ids`` / ``attention_mask`` (B, T) and ``labels`` (B, T) holding the
-    response tokens only (IGNORE_INDEX elsewhere), so token_logps gives (B, T-1) response log-probs."""
+    response tokens only (IGNORE_INDEX elsewhere), so token_logps gives (B, T-1) response log-probs;
+    when every rollout has the engine's ``rollout_logps``, ``rollout_logp`` (B, T-1) holds them at
+    the same positions as token_logps' output (0 elsewhere)."""
     import torch
 
     from rayapp.algorithms import IGNORE_INDEX
@@ -113,5 +142,12 @@ def collate_rollouts(rollouts: list[dict], pad_id: int) -> dict:
         input_ids[i, :n] = torch.tensor(p + g, dtype=torch.long)
         attention_mask[i, :n] = 1
         labels[i, len(p) : n] = torch.tensor(g, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "scores": torch.tensor([float(r["score"]) for r in rollouts], dtype=torch.float32)}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+           "scores": torch.tensor([float(r["score"]) for r in rollouts], dtype=torch.float32)}
+    if all("rollout_logps" in r for r in rollouts):
+        rollout_logp = torch.zeros((b, longest - 1), dtype=torch.float32)     # (B, T-1), aligned with token_logps
+        for i, r in enumerate(rollouts):
+            p, g = len(r["prompt_ids"]), len(r["response_ids"])
+            rollout_logp[i, p - 1 : p - 1 + g] = torch.tensor(r["rollout_logps"], dtype=torch.float32)
+        out["rollout_logp"] = rollout_logp
+    return out
