@@ -19,6 +19,7 @@ The tokenizer is passed in: this module imports no transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from rayapp.algorithms import IGNORE_INDEX
 from rayapp.data.formats import NO_RESPONSE, OVERLONG, ChatExample, Message, RowError, SFTRecord, TextExample
@@ -80,6 +81,20 @@ def render_conversation(tokenizer, messages: list[Message], chat_template: str =
     ``data.chat_template`` (the tokenizer's template, or PLAIN_CHAT_TEMPLATE): what a model trained
     on such rows (a reward model) must be shown when it scores."""
     return _render(tokenizer, messages, None if use_chat_template(tokenizer, chat_template) else PLAIN_CHAT_TEMPLATE)
+
+
+def trained_chat_template(model_dir: str | Path) -> str:
+    """The ``data.chat_template`` a job's model was trained with, from the config.resolved.yaml its
+    job left beside model/ (or in it); 'auto' when there is none (a model from elsewhere)."""
+    import yaml
+
+    from rayapp.config.loader import RESOLVED_CONFIG
+
+    for d in (Path(model_dir), Path(model_dir).parent):
+        if (d / RESOLVED_CONFIG).exists():
+            resolved = yaml.safe_load((d / RESOLVED_CONFIG).read_text()) or {}
+            return (resolved.get("data") or {}).get("chat_template", "auto")
+    return "auto"
 
 
 def response_spans(tokenizer, messages: list[Message], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:

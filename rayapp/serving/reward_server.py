@@ -61,12 +61,19 @@ class RewardScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         self.model = load_reward_model(model_dir, pad_token_id=self.tokenizer.pad_token_id).eval()
+        from rayapp.data.tokenize import trained_chat_template
 
-    def _text(self, item) -> str:
+        self.chat_template = trained_chat_template(model_dir)  # 'never': plain text, as it was trained
+
+    def _ids(self, item) -> list[int]:
+        """The tokens the reward model saw in training for such an input: a text row with the
+        tokenizer's special tokens; a conversation rendered under its job's data.chat_template."""
         if isinstance(item, str):
-            return item
-        messages = [m.model_dump() for m in item]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer(item, add_special_tokens=True)["input_ids"]
+        from rayapp.data.tokenize import render_conversation
+
+        text = render_conversation(self.tokenizer, [m.model_dump() for m in item], self.chat_template)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "rayapp",
@@ -79,11 +86,11 @@ class RewardScorer:
 
         if body.model is not None and body.model != self.name:
             raise HTTPException(404, f"unknown model '{body.model}'; this endpoint serves '{self.name}'")
-        texts = [self._text(item) for item in body.input]
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        ids = [self._ids(item) for item in body.input]
+        truncated = [len(x) > self.max_length for x in ids]
+        batch = self.tokenizer.pad({"input_ids": [x[: self.max_length] for x in ids]}, return_tensors="pt")
         with torch.inference_mode():
             scores = reward_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (B,)
-        truncated = [len(ids) >= self.max_length for ids in self.tokenizer(texts)["input_ids"]]
         return {"object": "list", "model": self.name,
                 "data": [{"index": i, "score": float(s), "truncated": t}
                          for i, (s, t) in enumerate(zip(scores.tolist(), truncated, strict=True))]}

@@ -9,27 +9,12 @@ returned log-probs.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rayapp.errors import UserError
 
 
 class RolloutError(UserError, RuntimeError):
     pass
-
-
-def trained_chat_template(model_dir: str | Path) -> str:
-    """The ``data.chat_template`` a job's model was trained with, from the config.resolved.yaml its
-    job left beside model/ (or in it); 'auto' when there is none (a model from elsewhere)."""
-    import yaml
-
-    from rayapp.config.loader import RESOLVED_CONFIG
-
-    for d in (Path(model_dir), Path(model_dir).parent):
-        if (d / RESOLVED_CONFIG).exists():
-            resolved = yaml.safe_load((d / RESOLVED_CONFIG).read_text()) or {}
-            return (resolved.get("data") or {}).get("chat_template", "auto")
-    return "auto"
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -53,6 +38,8 @@ class RewardModelActor:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        from rayapp.data.tokenize import trained_chat_template
+
         self.chat_template = trained_chat_template(model_dir)
 
     def score(self, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:

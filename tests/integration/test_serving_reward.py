@@ -28,6 +28,8 @@ def reward_endpoint(tiny_model_dir, tmp_path_factory):
     tok = load_tokenizer(str(tiny_model_dir))
     save_reward_model(load_reward_model(tiny_model_dir, pad_token_id=tok.pad_token_id or tok.eos_token_id), tok,
                       tmp / "rm")
+    # As a reward_model job trained with data.chat_template: never leaves it: conversations are scored as plain text.
+    (tmp / "config.resolved.yaml").write_text("kind: reward_model\ndata: {chat_template: never}\n")
     own_head = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if own_head:
         os.environ["RAYAPP_LOCAL_CLUSTER_FILE"] = str(tmp / "local_cluster.json")
@@ -81,6 +83,18 @@ def test_scores_texts_and_conversations(reward_endpoint):
         with torch.inference_mode():
             local = reward_scores(model, ids["input_ids"], ids["attention_mask"]).item()
         assert served == pytest.approx(local, abs=1e-4)
+    # The conversation is rendered as the model was trained (its job's chat_template: never), and
+    # scores what the RLHF reward actor gives the same conversation.
+    from rayapp.data.tokenize import render_conversation
+    from rayapp.training.rlhf_rollout import RewardModelActor
+
+    plain = tok(render_conversation(tok, conv, "never"), add_special_tokens=False, return_tensors="pt")
+    templated = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        want = reward_scores(model, plain["input_ids"], plain["attention_mask"]).item()
+        other = reward_scores(model, templated["input_ids"], templated["attention_mask"]).item()
+    assert scores[3] == pytest.approx(want, abs=1e-4) and abs(want - other) > 1e-4
+    assert RewardModelActor(str(reward_endpoint.model_dir)).score([conv])[0] == pytest.approx(scores[3], abs=1e-4)
 
 
 def test_reward_auth_and_bad_requests(reward_endpoint):

@@ -249,8 +249,9 @@ def test_distill_logits_temperature_other_than_one_is_refused():
 def test_reward_model_scores_conversations_as_it_was_trained(tiny_model_dir, tmp_path):
     import shutil
 
+    from rayapp.data.tokenize import trained_chat_template
     from rayapp.models.io import load_tokenizer
-    from rayapp.training.rlhf_rollout import RewardModelActor, trained_chat_template
+    from rayapp.training.rlhf_rollout import RewardModelActor
 
     out = tmp_path / "rm"
     shutil.copytree(tiny_model_dir, out / "model")
