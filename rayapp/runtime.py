@@ -106,13 +106,21 @@ def ensure_ray(namespace: str = "rayapp"):
 
     if ray.is_initialized():
         return ray
-    # Library code in workers must find rayapp even when the driver runs from a checkout.
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    # Library code in workers must find rayapp even when the driver runs from a checkout. Workers
+    # keep what a person needs on the console (rayapp's progress lines, errors, warnings) and drop
+    # progress bars and per-report INFO lines (`rayapp -v` keeps them).
+    verbose = logging.getLogger("rayapp").isEnabledFor(logging.DEBUG)
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    if not verbose:
+        env_vars.update(QUIET_WORKER_ENV)
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "rayapp.runtime.quiet_worker"}
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution of Dataset ..." per batch job
     if address:
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level=logging.DEBUG if verbose else logging.WARNING)
     else:
         num_cpus = int(os.environ.get("RAYAPP_LOCAL_CPUS", max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1)))
-        runtime_env = {**runtime_env, "worker_process_setup_hook": "rayapp.runtime.quiet_local_worker"}
         ray.init(
             # "local": always a fresh in-process cluster; plain None would attach to any cluster
             # that `ray start` left running on this machine.
@@ -128,13 +136,37 @@ def ensure_ray(namespace: str = "rayapp"):
     return ray
 
 
-def quiet_local_worker() -> None:
-    """Runs in every worker process of the embedded cluster. It has no dashboard, so no State API:
-    Ray Train's placement-group cleaner (which asks that API whether the controller is alive,
-    every second) would log "Failed to query Ray Train Controller actor state" for the whole job.
-    The cleaner only matters when a controller dies and the cluster lives on; the embedded
-    cluster ends with the job."""
+# Environment of every Ray worker of a rayapp job (unless `rayapp -v`): no download or weight-loading
+# progress bars from huggingface_hub / transformers, no transformers advisory warnings.
+QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_worker() -> None:
+    """Runs in every worker process of a rayapp job (``worker_process_setup_hook``).
+
+    Ray Train's placement-group cleaner asks the State API every second whether the controller is
+    alive; the embedded cluster has no dashboard, so no State API, and the persistent local head's
+    answers time out under load: either way it logged "Failed to query Ray Train Controller actor
+    state" for the whole job. The cleaner only matters when a controller dies and the cluster lives
+    on. Ray Train's workers log every report ("Reporting training result N: TrainingReport(...)")
+    at INFO; rayapp prints its own progress line."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    import ray
+
+    # Code in this worker that looks for "the" cluster (the placement-group cleaner's State API
+    # client) finds this one, not the newest of several on the machine ("Found multiple active Ray
+    # instances ... Connecting to latest cluster", every second).
+    try:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # not connected yet: nothing to pin
+        pass
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # QUIET_WORKER_ENV: not under `rayapp -v`
+        # That module's logger is named by its file path (logging.getLogger(__file__)).
+        context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(context).setLevel(logging.WARNING)
+
+
 
 
 def node_capacities(ray, most_per_type: int = 64) -> list[dict[str, float]]:

@@ -408,7 +408,9 @@ def build_llm_config(model_dir: str | Path, name: str, deploy: DeployConfig, ada
             max_loras=max(1, len(adapters)),
             max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank),
         )
-    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                # the engine's INFO lines (config dumps, per-interval throughput) stay in the replica's log file
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if not deploy.use_gpu:
         env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(deploy.kv_cache_gib)
     config = dict(

@@ -260,6 +260,9 @@ def _generate(cfg: BatchJobConfig, store, index: dict, generator) -> int:
     ctx = ray.data.DataContext.get_current()
     before = ctx.checkpoint_config
     ctx.checkpoint_config = io.checkpoint_config(store)
+    # rayapp prints its own progress (parts committed); Ray Data's would add a dozen lines every 10 s.
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
     try:
         ds = ray.data.read_datasource(io.input_datasource(str(cfg.input), index, cfg.task))
         remote_args: dict = {"num_cpus": eng.cpus_per_engine}

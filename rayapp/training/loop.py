@@ -39,7 +39,8 @@ from rayapp.training.parallel import clip_grad_norm
 if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py runs it with torch + transformers only
     from rayapp.config.base import TrainConfig
 
-PROGRESS_EVERY_S = 2.0  # seconds between progress lines
+PROGRESS_EVERY_S = 60.0  # most seconds between two progress lines
+PROGRESS_LINES = 10  # a line each tenth of the run (and the first, the last, each evaluation)
 
 
 @dataclass
@@ -348,9 +349,11 @@ def fit(
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             now = time.perf_counter()
-            # One line every PROGRESS_EVERY_S (and the first, the last and every evaluation): readable
-            # in a terminal and in Ray job logs alike; metrics.jsonl keeps every step.
-            if step == start_step or done or "val_loss" in metrics or now - last_print >= PROGRESS_EVERY_S:
+            # About PROGRESS_LINES lines a run (and the first, the last, every evaluation, and one at
+            # least every PROGRESS_EVERY_S): readable in a terminal and in Ray job logs alike, a
+            # short console for a pipeline of several jobs; metrics.jsonl keeps every step.
+            tenth = (step + 1) * PROGRESS_LINES // total != step * PROGRESS_LINES // total
+            if step == start_step or done or "val_loss" in metrics or tenth or now - last_print >= PROGRESS_EVERY_S:
                 _progress(name, unit, step + 1, total, metrics, now - t_start, step + 1 - start_step)
                 last_print = now
             if at_checkpoint and publish_metrics is not None:

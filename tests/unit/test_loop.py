@@ -164,19 +164,20 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, tmp_path, capfd, monkeypatch):
-    """A long job prints the first and last step (and evaluations), not one line per step; metrics.jsonl has them all."""
+    """A job prints about ten progress lines (the first step, each tenth of the run, the last; and
+    evaluations), not one line per step; metrics.jsonl has them all."""
     import rayapp.training.loop as loop
 
     monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)
     items = _examples(16, 200)
-    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3, max_steps=6, warmup_ratio=0, checkpoint_every=100)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3, max_steps=40, warmup_ratio=0, checkpoint_every=100)
     model = fresh_model()
     fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), train_items=items, val_items=None, collate=_collate,
         count_fn=count_supervised, loss_fn=sft_loss, cfg=cfg, micro_batch_size=8, reporter=LocalReporter(),
         metrics_path=tmp_path / "metrics.jsonl", name="quiet")
     lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[quiet]")]
-    assert [x.split()[1] for x in lines] == ["1/6", "6/6"], lines
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [x.split()[1] for x in lines] == ["1/40"] + [f"{s}/40" for s in range(4, 41, 4)], lines
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 41))
 
 
 def test_a_resumed_run_follows_its_own_schedule(fresh_model, tmp_path):
