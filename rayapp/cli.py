@@ -21,7 +21,8 @@ def _cmd_run(args) -> int:
     summary = kinds.run(cfg)
     if isinstance(summary, dict):
         for key, value in summary.items():
-            print(f"{key}: {value}")
+            if "\n" not in str(value):  # a table was printed by its stage already
+                print(f"{key}: {value}")
     return 0
 
 

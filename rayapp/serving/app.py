@@ -410,7 +410,7 @@ def build_llm_config(model_dir: str | Path, name: str, deploy: DeployConfig, ada
         )
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 # the engine's INFO lines (config dumps, per-interval throughput) stay in the replica's log file
-                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
     if not deploy.use_gpu:
         env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(deploy.kv_cache_gib)
     config = dict(

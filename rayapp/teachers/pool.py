@@ -37,7 +37,10 @@ def engine_env(engine: EngineConfig, on_engine_node: bool = False) -> dict[str, 
     resolved to this machine's cores (the driver may run on a machine with other cores).
     """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))), "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+    # vLLM's start-up warnings on the CPU build (no Triton, no tcmalloc, eager mode: a dozen lines an
+    # engine) stay off the console unless `rayapp -v`; its errors still show.
+    quiet = "WARNING" if logging.getLogger("rayapp").isEnabledFor(logging.DEBUG) else "ERROR"
+    env.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", quiet))
     bind = engine.cpu_threads_bind
     if not engine.use_gpu and bind != "auto" and (bind != "all" or on_engine_node):
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0)))) if bind == "all" else bind

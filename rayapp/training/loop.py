@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py 
     from rayapp.config.base import TrainConfig
 
 PROGRESS_EVERY_S = 60.0  # most seconds between two progress lines
-PROGRESS_LINES = 10  # a line each tenth of the run (and the first, the last, each evaluation)
+PROGRESS_LINES = 4  # a line each quarter of the run (and the first, the last, each evaluation)
 
 
 @dataclass
@@ -349,7 +349,7 @@ def fit(
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             now = time.perf_counter()
-            # About PROGRESS_LINES lines a run (and the first, the last, every evaluation, and one at
+            # About PROGRESS_LINES + 1 lines a run (and the first, the last, every evaluation, and one at
             # least every PROGRESS_EVERY_S): readable in a terminal and in Ray job logs alike, a
             # short console for a pipeline of several jobs; metrics.jsonl keeps every step.
             tenth = (step + 1) * PROGRESS_LINES // total != step * PROGRESS_LINES // total
