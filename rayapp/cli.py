@@ -6,6 +6,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 
 from rayapp.config import ConfigError, explain, load_job
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
+        # No download or weight-loading progress bars in this process either (read at import).
+        from rayapp.runtime import QUIET_WORKER_ENV
+
+        for key, value in QUIET_WORKER_ENV.items():
+            os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
