@@ -158,11 +158,15 @@ def test_killed_engine_replica_is_replaced_and_rows_appear_once(ray_cluster, tin
     import pyarrow.parquet as pq
 
     _write_input(tmp_path / "in.jsonl")
-    job = _job(tmp_path, "engine_kill", batch_size=8, concurrency=[1, 1], sampling={"temperature": 1.0, "max_tokens": 32, "seed": 0})
+    # Two sequences at a time: generation takes long enough that the kill lands while the replica
+    # still has batches to do (with 32 at a time it had sometimes produced every row before the
+    # sink committed its second part, and no replacement was needed).
+    job = _job(tmp_path, "engine_kill", batch_size=8, concurrency=[1, 1], sampling={"temperature": 1.0, "max_tokens": 32, "seed": 0},
+               engine={"max_model_len": 128, "max_num_seqs": 2, "kv_cache_gib": 1, "cpus_per_engine": 1})
     out = tmp_path / "engine_kill"
     proc = _driver(ray_cluster, job)
     try:
-        _wait_for_commits(out, proc, 2)
+        _wait_for_commits(out, proc, 1)
         first_part = next(p for p in (out / "parts").glob("*.parquet") if p.name in {c.name for c in _committed(out)})
         pid = int(pq.read_table(first_part, columns=["replica"])["replica"][0].as_py().split(":")[1])
         victim = psutil.Process(pid)
