@@ -68,12 +68,13 @@ def split_task_nll_sums(logits: torch.Tensor, labels: torch.Tensor, is_rationale
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token NLL sums per task for a micro-batch that mixes both tasks.
 
-    logits (B, T, V), labels (B, T) with IGNORE_INDEX, is_rationale (B,) bool.
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX, is_rationale (B,) bool, or (B, T) per token
+    when a row packs examples of both tasks (the task of the example each label belongs to).
     Returns (label_sum, label_n, rationale_sum, rationale_n); divide each sum by its task's
     global token count, then combine with ``two_task_loss`` (each task is a mean over its own
     tokens, as in the reference where each task is a separate forward pass).
     """
-    is_rationale = is_rationale.bool()                               # (B,)
+    is_rationale = is_rationale.bool()                               # (B,) or (B, T)
     lab = labels.clone()
     lab[is_rationale] = IGNORE_INDEX
     rat = labels.clone()

@@ -168,6 +168,13 @@ class DistillJobConfig(TrainingJobConfig):
         check_rationale_sampling(r, self.teacher.sampling, "teacher.")
         return self
 
+    def packing_refusal(self) -> str | None:
+        if self.method == "relations":
+            return "method: relations compares whole examples within a micro-batch (pooled over each one's tokens)"
+        if self.method == "on_policy":
+            return "method: on_policy trains on the student's own rollouts, scored as whole sequences"
+        return None
+
     def _check_on_policy(self) -> None:
         op = self.on_policy
         samples = op.prompts_per_iteration * op.samples_per_prompt

@@ -49,9 +49,17 @@ class TrainingJobConfig(StrictModel):
                 f"output_dir/metrics.jsonl while training runs); {self.output_dir} is a URI: use a mount, or run "
                 f"`rayapp track DIR --to ...` on a copy of the job's output afterwards"
             )
+        if self.train.packing and (why := self.packing_refusal()):
+            raise ValueError(f"train.packing: true is not supported here: {why}; set train.packing: false")
         if self.data.validation_split and self.data.validation:
             raise ValueError("data.validation and data.validation_split are both set; give a validation file or a split, not both")
         return self
+
+    def packing_refusal(self) -> str | None:
+        """Why ``train.packing`` does not apply to this job (None: it does). Kinds whose examples are
+        single causal-LM sequences with per-token losses override it."""
+        return (f"kind: {getattr(self, 'kind', '?')} scores whole sequences (preference pairs, rollouts); packing applies to "
+                "kind: sft and kind: distill")
 
     @property
     def grad_accum_steps(self) -> int:

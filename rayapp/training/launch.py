@@ -169,6 +169,10 @@ class WorkerContext:
         section, the reporter, metrics.jsonl in the output store (rank 0 brings a killed run's rows
         back first, and uploads them before every checkpoint), the job name and the device."""
         t = self.cfg.train
+        if t.packing:
+            from rayapp.data.packing import check_packing_honoured
+
+            check_packing_honoured(model, self.device)
         if self.rank == 0:
             self.store.pull("metrics.jsonl")
         return fit(model=model, cfg=t, micro_batch_size=t.micro_batch_size, reporter=self.reporter,

@@ -36,8 +36,9 @@ def validate(cfg) -> str:
 def sft_loss(model, batch):
     """Token-level cross-entropy on supervised (response) tokens, as sums for global normalisation."""
     from rayapp.algorithms.sft import next_token_accuracy_counts, token_nll_sum
+    from rayapp.data.packing import lm_inputs
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**lm_inputs(batch)).logits
     loss_sum, n = token_nll_sum(logits, batch["labels"])
     correct, _ = next_token_accuracy_counts(logits.detach(), batch["labels"])
     return LossParts(loss_sum=loss_sum, count=int(n), sums={"accuracy": correct.float()})
@@ -46,14 +47,16 @@ def sft_loss(model, batch):
 def sft_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     from rayapp.data.collate import collate_sft
+    from rayapp.data.packing import collate_packed
     from rayapp.models.io import load_tokenizer
 
     w = worker_context(config)
     cfg, data = w.cfg, w.payload
     tokenizer = load_tokenizer(data["model_dir"])
     model = w.prepare(build_model(data["model_dir"], cfg))
-    pad_id = tokenizer.pad_token_id
-    w.fit(model, train_items=data["train"], val_items=data["val"], collate=lambda items: collate_sft(items, pad_id),
+    pad_id, capacity = tokenizer.pad_token_id, cfg.model.max_seq_len
+    collate = (lambda items: collate_packed(items, pad_id, capacity)) if cfg.train.packing else (lambda items: collate_sft(items, pad_id))
+    w.fit(model, train_items=data["train"], val_items=data["val"], collate=collate,
           count_fn=count_supervised, loss_fn=sft_loss)
     export_model(model, tokenizer, cfg, w)
 

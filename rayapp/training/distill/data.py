@@ -81,24 +81,41 @@ class DistillData:
         return parts
 
 
-def collate_distill(items: list[DistillItem], pad_id: int) -> dict:
+def collate_distill(items: list[DistillItem], pad_id: int, capacity: int | None = None) -> dict:
     """collate_sft's input_ids / attention_mask / labels (B, T), is_rationale (B,), and for logits
-    topk_ids / topk_logprobs (B, T, K) (padding positions: token 0 at log-prob log(1/K), masked out)."""
+    topk_ids / topk_logprobs (B, T, K) (padding positions: token 0 at log-prob log(1/K), masked out).
+
+    ``capacity`` (train.packing): the items packed into rows of at most that many tokens instead
+    (:func:`rayapp.data.packing.collate_packed`: position_ids and segment_ids, no attention_mask),
+    with is_rationale per token (R, L) and the top-k of each item at its tokens' places."""
     import torch
 
     from rayapp.data.collate import collate_sft
+    from rayapp.data.packing import collate_packed, per_token
 
-    batch = collate_sft(items, pad_id)
-    batch["is_rationale"] = torch.tensor([it.is_rationale for it in items], dtype=torch.bool)  # (B,)
+    if capacity:
+        batch = collate_packed(items, pad_id, capacity)
+        flags = torch.tensor([it.is_rationale for it in items], dtype=torch.bool)  # (B,)
+        batch["is_rationale"] = per_token(flags, batch["segment_ids"], fill=False)  # (R, L)
+        starts = {}  # item -> (row, first column)
+        for r, row in enumerate(batch["segment_ids"].tolist()):
+            for c, seg in enumerate(row):
+                if seg >= 0 and seg not in starts:
+                    starts[seg] = (r, c)
+    else:
+        batch = collate_sft(items, pad_id)
+        batch["is_rationale"] = torch.tensor([it.is_rationale for it in items], dtype=torch.bool)  # (B,)
+        starts = {i: (i, 0) for i in range(len(items))}
     if items[0].topk_ids is not None:
-        B, T = batch["input_ids"].shape
+        R, T = batch["input_ids"].shape
         K = len(items[0].topk_ids[0])
-        ids = torch.zeros((B, T, K), dtype=torch.long)
-        lps = torch.full((B, T, K), -math.log(K), dtype=torch.float32)
+        ids = torch.zeros((R, T, K), dtype=torch.long)
+        lps = torch.full((R, T, K), -math.log(K), dtype=torch.float32)
         for i, it in enumerate(items):
+            r, c = starts[i]
             n = len(it.topk_ids)
-            ids[i, :n] = torch.tensor(it.topk_ids, dtype=torch.long)
-            lps[i, :n] = torch.tensor(it.topk_logprobs, dtype=torch.float32)
+            ids[r, c : c + n] = torch.tensor(it.topk_ids, dtype=torch.long)
+            lps[r, c : c + n] = torch.tensor(it.topk_logprobs, dtype=torch.float32)
         batch["topk_ids"], batch["topk_logprobs"] = ids, lps
     return batch
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rayapp.data.packing import lm_inputs
+
 
 @dataclass
 class Trainable:
@@ -70,8 +72,9 @@ class DistillStudent(nn.Module):
         self.projector = projector
         self.hidden_layers = tuple(hidden_layers)
 
-    def forward(self, input_ids=None, attention_mask=None):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.hidden_layers))
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                           output_hidden_states=bool(self.hidden_layers))
         hidden = [out.hidden_states[i] for i in self.hidden_layers]
         if self.projector is not None:
             hidden = self.projector(hidden)
@@ -82,7 +85,7 @@ def student_forward(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(logits, hidden states) from a DistillStudent, or from a bare (DDP/FSDP-wrapped) causal LM
     when the method needs no hidden states (step_by_step, logits, self keep the model unwrapped so
     LoRA export and FSDP work as in SFT)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**lm_inputs(batch))
     if isinstance(out, tuple):
         return out
     return out.logits, []
@@ -91,7 +94,7 @@ def student_forward(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def teacher_forward(teacher, batch, hidden: bool = False):
     """The frozen teacher's output on the student's batch, without gradients."""
     with torch.no_grad():
-        return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        return teacher(**lm_inputs(batch), output_hidden_states=hidden)
 
 
 def load_frozen(model_dir: str, dtype: str, device) -> nn.Module:

@@ -63,8 +63,8 @@ def distill_worker(config: dict) -> None:
     tokenizer = load_tokenizer(data["student_dir"])
     trainable = METHODS[cfg.method].build_model(cfg, build_model(data["student_dir"], cfg), data, w.device)
     model = w.prepare(trainable.model)
-    pad_id = tokenizer.pad_token_id
-    w.fit(model, train_items=data["train"], val_items=data["val"], collate=lambda items: collate_distill(items, pad_id),
+    pad_id, capacity = tokenizer.pad_token_id, (cfg.model.max_seq_len if cfg.train.packing else None)
+    w.fit(model, train_items=data["train"], val_items=data["val"], collate=lambda items: collate_distill(items, pad_id, capacity),
           count_fn=count_supervised, loss_fn=trainable.loss_fn, after_step=trainable.after_step, extra_modules=trainable.extra_modules)
     export_model(trainable.export or model, tokenizer, cfg, w)
 
