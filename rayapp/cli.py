@@ -15,15 +15,38 @@ from rayapp.config import ConfigError, explain, load_job
 EXTRA_COMMANDS = ("rayapp.plan", "rayapp.jobs", "rayapp.serving.cli", "rayapp.tracking")
 
 
+def _console_log(cfg, verbose: bool):
+    """Where `rayapp run` sends what Ray, vLLM and the libraries print (None: the terminal): the
+    job's local output_dir/logs/console.log, unless -v, RAYAPP_CONSOLE=full (submitted jobs: their
+    Ray job log keeps everything) or output_dir is a URI."""
+    out = str(getattr(cfg, "output_dir", "") or "")
+    if verbose or os.environ.get("RAYAPP_CONSOLE") == "full" or not out or "://" in out:
+        return None
+    from pathlib import Path
+
+    return Path(out) / "logs" / "console.log"
+
+
 def _cmd_run(args) -> int:
-    from rayapp import kinds
+    import contextlib
+
+    from rayapp import console, kinds
 
     cfg = load_job(args.job, args.overrides)
-    summary = kinds.run(cfg)
-    if isinstance(summary, dict):
-        for key, value in summary.items():
-            if "\n" not in str(value):  # a table was printed by its stage already
-                print(f"{key}: {value}")
+    log = _console_log(cfg, args.verbose)
+    with console.captured(log) if log else contextlib.nullcontext():
+        if log:
+            console.say(f"rayapp: {cfg.name} ({cfg.kind}); Ray, vLLM and library output go to {log} (-v shows them here)")
+        try:
+            summary = kinds.run(cfg)
+        except BaseException:
+            if log:
+                console.say(f"rayapp: {cfg.name} failed; full log: {log}")
+            raise
+        if isinstance(summary, dict):
+            for key, value in summary.items():
+                if "\n" not in str(value):  # a table was printed by its stage already
+                    console.say(f"{key}: {value}")
     return 0
 
 

@@ -331,7 +331,9 @@ def run(cfg) -> dict:
         results.append(r)
     checked = check_claims(cfg.claims, results)
     text = table(results) + ("\n\n" + claims_table(checked) if checked else "")
-    print(text, flush=True)
+    from rayapp.console import say
+
+    say(text)
     best = None
     candidates = [r for r in results if r["name"] in cfg.select_best]
     if candidates:

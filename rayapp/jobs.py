@@ -115,8 +115,8 @@ def build_submission(job: str, overrides: list[str] | None = None, working_dir: 
         ) from None
     args = [python, "-m", "rayapp.cli", "run", rel.as_posix(), *(overrides or [])]
     runtime_env: dict = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
-    if env:
-        runtime_env["env_vars"] = dict(env)
+    # The job's own log (`rayapp jobs logs`) keeps everything: no quiet console on the cluster.
+    runtime_env["env_vars"] = {"RAYAPP_CONSOLE": "full", **(env or {})}
     metadata = {"rayapp_job_file": rel.as_posix(), "submitted_from": os.uname().nodename}
     return {"entrypoint": shlex.join(args), "runtime_env": runtime_env, "metadata": metadata}
 

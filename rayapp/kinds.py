@@ -54,7 +54,10 @@ def run(cfg) -> dict:
     """Run a job with its recipe. A job that names experiment trackers (``report_to``, training
     kinds) runs inside them: metrics.jsonl is followed while it trains, the resolved config is the
     runs' parameters, and report.html and eval.json are stored at the end (rayapp.tracking)."""
+    from rayapp.console import watch
+
     module = recipe(cfg.kind)
+    watch(cfg.name)  # its "[name] ..." lines reach the terminal when the console is captured
     if not getattr(cfg, "report_to", None):
         return module.run(cfg)
     from rayapp.tracking import check_report_to, track_job

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rayapp import kinds
 from rayapp.config import load_job_dict, write_resolved_config
+from rayapp.console import say
 from rayapp.errors import UserError
 from rayapp.fileio import write_json_atomic
 
@@ -104,7 +105,7 @@ def run(cfg) -> dict:
         # (`rayapp deploy --status / --shutdown` see and stop it afterwards).
         from rayapp.serving.local_head import ensure_local_head
 
-        print(f"[{cfg.name}] using the local Ray head at {ensure_local_head()} (it keeps serving after the pipeline)", flush=True)
+        say(f"[{cfg.name}] using the local Ray head at {ensure_local_head()} (it keeps serving after the pipeline)")
     fingerprints: dict[str, str] = {}
     timings: dict[str, dict] = {}
     t_pipeline = time.perf_counter()
@@ -117,13 +118,13 @@ def run(cfg) -> dict:
         header = f"== stage {i}/{len(names)}: {name} ({stage_cfg.kind}) "
         state = _read_state(stage_out)
         if cfg.only is not None and name not in cfg.only:
-            print(f"{header}— not selected (only: {cfg.only})", flush=True)
+            say(f"{header}— not selected (only: {cfg.only})")
             continue
         if cfg.skip_finished and state and state.get("status") == "succeeded" and state.get("fingerprint") == fp:
-            print(f"{header}— done before with the same inputs, skipped ({state.get('wall_s', 0):.0f} s then)", flush=True)
+            say(f"{header}— done before with the same inputs, skipped ({state.get('wall_s', 0):.0f} s then)")
             timings[name] = {"kind": stage_cfg.kind, "status": "skipped", "wall_s": state.get("wall_s"), "summary": state.get("summary", {})}
             continue
-        print(f"{header}{'=' * max(0, 60 - len(header))}", flush=True)
+        say(f"{header}{'=' * max(0, 60 - len(header))}")
         t0 = time.perf_counter()
         try:
             summary = kinds.run(stage_cfg) or {}
@@ -144,13 +145,13 @@ def run(cfg) -> dict:
             {"status": "succeeded", "fingerprint": fp, "wall_s": round(wall, 1), "summary": summary, "finished_at": time.time()},
         )
         timings[name] = {"kind": stage_cfg.kind, "status": "succeeded", "wall_s": round(wall, 1), "summary": summary}
-        print(f"[{name}] done in {wall:.0f} s", flush=True)
+        say(f"[{name}] done in {wall:.0f} s")
     total = time.perf_counter() - t_pipeline
     write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
-    print(_timing_table(timings, total), flush=True)
+    say(_timing_table(timings, total))
     result = {"pipeline": str(out / "pipeline.json"), "wall_time_s": round(total, 1)}
     if cfg.ask is not None and cfg.ask.stage not in timings:
-        print(f"\nask: stage '{cfg.ask.stage}' was not selected (only: {cfg.only}); no question asked", flush=True)
+        say(f"\nask: stage '{cfg.ask.stage}' was not selected (only: {cfg.only}); no question asked")
     elif cfg.ask is not None:
         asked = ask_deployed(cfg.ask, timings.get(cfg.ask.stage, {}).get("summary", {}), cfg.ask_file())
         write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings, "ask": asked})
@@ -192,14 +193,14 @@ def ask_deployed(ask, deploy_summary: dict, from_file: str | None = None) -> dic
     answer = answer.strip()
     result = {"endpoint": url, "served_model": model, "question": question, "answer": answer}
     if gold is None:
-        print(f"\nasked {model} at {url}:\n  Q: {question}\n  A: {answer}", flush=True)
+        say(f"\nasked {model} at {url}:\n  Q: {question}\n  A: {answer}")
         return result
     from rayapp.evaluation import score_answers
 
     scored = score_answers([{"input_text": question, "label": gold}], [answer], ask.task_type, "auto")
     right = bool(scored["correct"])
-    print(f"\nasked {model} at {url} held-out question {ask.row} of {from_file}:\n  Q: {question}\n"
-          f"  A: {answer}    gold: {gold}    {'right' if right else 'WRONG'}", flush=True)
+    say(f"\nasked {model} at {url} held-out question {ask.row} of {from_file}:\n  Q: {question}\n"
+        f"  A: {answer}    gold: {gold}    {'right' if right else 'WRONG'}")
     return {**result, "gold": gold, "correct": right}
 
 

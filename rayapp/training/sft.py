@@ -70,7 +70,7 @@ def run(cfg) -> dict:
     model_dir = model.path
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     train, val = load_data(cfg, tokenizer)
-    print(f"[{cfg.name}] dataset stats (train)\n{train.stats.format()}", flush=True)
+    print(f"[{cfg.name}] training data: {train.stats.format_line(train.stats.to_dict())}\n{train.stats.format()}", flush=True)
     stats = {"train": train.stats.to_dict(), "validation": val.stats.to_dict() if val else None}
     store.write_json("data_stats.json", stats)
     print(

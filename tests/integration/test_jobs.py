@@ -67,6 +67,7 @@ def test_build_submission_ships_project_and_runs_rayapp():
     env = sub["runtime_env"]
     assert env["working_dir"] == str(ROOT)
     assert {".venv/", "outputs/", ".git/"} <= set(env["excludes"])
+    assert env["env_vars"]["RAYAPP_CONSOLE"] == "full"  # the Ray job log keeps everything
     with pytest.raises(jobs.JobsError, match="must lie inside the working directory"):
         jobs.build_submission(str(ROOT / "jobs/sft_tiny.yaml"), working_dir=str(ROOT / "rayapp"))
 
