@@ -33,6 +33,7 @@ def _cmd_run(args) -> int:
     from rayapp import console, kinds
 
     cfg = load_job(args.job, args.overrides)
+    said = getattr(kinds.recipe(cfg.kind), "SAID_KEYS", ())
     log = _console_log(cfg, args.verbose)
     with console.captured(log) if log else contextlib.nullcontext():
         if log:
@@ -45,7 +46,7 @@ def _cmd_run(args) -> int:
             raise
         if isinstance(summary, dict):
             for key, value in summary.items():
-                if "\n" not in str(value):  # a table was printed by its stage already
+                if "\n" not in str(value) and key not in said:  # tables and said keys were printed already
                     console.say(f"{key}: {value}")
     return 0
 

@@ -326,7 +326,7 @@ def run(cfg) -> dict:
     for m in cfg.models:
         r = evaluate_model(m, cfg, rows)
         lo, hi = r["ci95"]
-        print(f"[{cfg.name}] {m.name}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}, 95% interval {lo:.3f}-{hi:.3f}; "
+        print(f"{cfg.name}: {m.name}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}, 95% interval {lo:.3f}-{hi:.3f}; "
               f"{m.backend} {r['batch_wall_s']:.0f} s)", flush=True)
         results.append(r)
     checked = check_claims(cfg.claims, results)

@@ -95,6 +95,11 @@ def validate(cfg) -> str:
     return "\n".join(lines)
 
 
+# Result keys the pipeline has said already (the timing table, the asked question): `rayapp run`
+# does not repeat them.
+SAID_KEYS = ("wall_time_s", "endpoint", "served_model", "question", "answer", "gold", "correct")
+
+
 def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     write_resolved_config(cfg, out)
@@ -145,7 +150,6 @@ def run(cfg) -> dict:
             {"status": "succeeded", "fingerprint": fp, "wall_s": round(wall, 1), "summary": summary, "finished_at": time.time()},
         )
         timings[name] = {"kind": stage_cfg.kind, "status": "succeeded", "wall_s": round(wall, 1), "summary": summary}
-        say(f"[{name}] done in {wall:.0f} s")
     total = time.perf_counter() - t_pipeline
     write_json_atomic(out / "pipeline.json", {"name": cfg.name, "wall_s": round(total, 1), "stages": timings})
     say(_timing_table(timings, total))

@@ -39,8 +39,8 @@ from rayapp.training.parallel import clip_grad_norm
 if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py runs it with torch + transformers only
     from rayapp.config.base import TrainConfig
 
-PROGRESS_EVERY_S = 60.0  # most seconds between two progress lines
-PROGRESS_LINES = 4  # a line each quarter of the run (and the first, the last, each evaluation)
+PROGRESS_EVERY_S = 120.0  # most seconds between two progress lines
+PROGRESS_LINES = 3  # a line each third of the run (and the first, the last, each evaluation)
 
 
 @dataclass

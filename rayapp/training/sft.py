@@ -70,11 +70,11 @@ def run(cfg) -> dict:
     model_dir = model.path
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     train, val = load_data(cfg, tokenizer)
-    print(f"[{cfg.name}] training data: {train.stats.format_line(train.stats.to_dict())}\n{train.stats.format()}", flush=True)
+    print(f"{cfg.name}: dataset stats (train)\n{train.stats.format()}", flush=True)  # the log only (rayapp.console)
     stats = {"train": train.stats.to_dict(), "validation": val.stats.to_dict() if val else None}
     store.write_json("data_stats.json", stats)
     print(
-        f"[{cfg.name}] {cfg.resources.num_workers} worker(s), global batch {cfg.train.global_batch_size} = "
+        f"[{cfg.name}] {len(train)} examples ({train.stats.supervised_tokens} supervised tokens); {cfg.resources.num_workers} worker(s), global batch {cfg.train.global_batch_size} = "
         f"micro {cfg.train.micro_batch_size} x {cfg.resources.num_workers} workers x {cfg.grad_accum_steps} accumulation",
         flush=True,
     )

@@ -73,6 +73,11 @@ def _check_run(p, out: Path, port: int) -> tuple[dict, dict]:
         lo, hi = r["ci95"]
         assert lo <= r["accuracy"] <= hi and r["n"] > 0
     assert "95% interval" in p.stdout and "claim" in p.stdout
+    # A quiet console (issue 21): rayapp's own lines on the terminal, everything else in the log.
+    shown = (p.stdout + p.stderr).splitlines()
+    assert len(shown) <= 60, "\n".join(shown)
+    log = (out / "logs" / "console.log").read_text()
+    assert "(RayTrainWorker pid=" in log and len(log.splitlines()) > len(shown)
     for c in evaluation["claims"]:  # printed with the verdict the numbers give
         assert c["claim"] in p.stdout
         if c["holds"] is False and c["otherwise"]:

@@ -164,7 +164,7 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, tmp_path, capfd, monkeypatch):
-    """A job prints about five progress lines (the first step, each quarter of the run, the last; and
+    """A job prints about four progress lines (the first step, each third of the run, the last; and
     evaluations), not one line per step; metrics.jsonl has them all."""
     import rayapp.training.loop as loop
 
@@ -176,7 +176,7 @@ def test_progress_lines_are_throttled_but_metrics_keep_every_step(fresh_model, t
         count_fn=count_supervised, loss_fn=sft_loss, cfg=cfg, micro_batch_size=8, reporter=LocalReporter(),
         metrics_path=tmp_path / "metrics.jsonl", name="quiet")
     lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[quiet]")]
-    assert [x.split()[1] for x in lines] == ["1/40", "10/40", "20/40", "30/40", "40/40"], lines
+    assert [x.split()[1] for x in lines] == ["1/40", "14/40", "27/40", "40/40"], lines
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 41))
 
 

@@ -115,7 +115,7 @@ def run(cfg, in_process: bool = False) -> dict:
     data = method.build_data(cfg, tokenizer, out, student_dir=student_dir, teacher_dir=teacher_dir)
     if store.path("teacher").is_dir():
         store.push("teacher")
-    print(f"[{cfg.name}] distill ({cfg.method})\n{data.describe()}", flush=True)
+    print(f"{cfg.name}: distill ({cfg.method})\n{data.describe()}", flush=True)  # the log only (rayapp.console)
     store.write_json("data_stats.json", data.stats)
     # What the workers load, as references any node resolves.
     if cfg.student.init == "from_model":
