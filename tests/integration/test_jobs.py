@@ -19,7 +19,7 @@ import pytest
 from rayapp.data.readers import read_jsonl
 from tests.conftest import ROOT, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # the tests against a real head are marked slow one by one
 
 
 def rayapp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -95,6 +95,7 @@ def test_unreachable_address_is_a_user_error():
 
 # ---- against the real head ----
 
+@pytest.mark.slow
 def test_submit_follow_succeeds_and_writes_outputs(private_head, tmp_path):
     out = tmp_path / "sft_tiny"
     r = rayapp("submit", "jobs/sft_tiny.yaml", f"output_dir={out}", "train.epochs=1", "--address", private_head.dashboard,
@@ -120,6 +121,7 @@ def test_submit_follow_succeeds_and_writes_outputs(private_head, tmp_path):
     assert "sft_tiny" in logs.stdout and "output_dir" in logs.stdout
 
 
+@pytest.mark.slow
 def test_stop_leaves_a_usable_checkpoint(private_head, tmp_path):
     out = tmp_path / "sft_stop"
     overrides = [f"output_dir={out}", "train.epochs=6", "train.checkpoint_every=2", "train.eval_every=1000"]
@@ -143,6 +145,7 @@ def test_stop_leaves_a_usable_checkpoint(private_head, tmp_path):
     assert [r["step"] for r in rows if "loss" in r][-3:] == [last, last + 1, last + 2]
 
 
+@pytest.mark.slow
 def test_broken_config_fails_with_validation_message(private_head, tmp_path):
     project = tmp_path / "project"  # a project holding only the broken job file; rayapp is installed
     project.mkdir()
@@ -160,6 +163,7 @@ def test_broken_config_fails_with_validation_message(private_head, tmp_path):
     assert "broken.yaml:" in logs and "train.epochs" in logs and "greater than 0" in logs, logs
 
 
+@pytest.mark.slow
 def test_unknown_job_id(private_head):
     r = rayapp("jobs", "status", "raysubmit_nope", "--address", private_head.dashboard)
     assert r.returncode == 1 and "no job 'raysubmit_nope'" in r.stderr
