@@ -392,15 +392,11 @@ def plan_training(cfg, label: str = "train") -> Part:
         part.notes.append(f"placement group: {n} bundles {bundle}, strategy {ps}")
     # Compute
     rows = count_rows(getattr(getattr(cfg, "data", None), "train", None))
-    if t.max_steps:
-        steps = t.max_steps
-    elif rows is not None:
+    if rows is not None:
         data = cfg.data
         rows = min(rows, data.max_rows) if data.max_rows else rows
         rows = int(rows * (1 - data.validation_split))
-        steps = math.ceil(rows * t.epochs / t.global_batch_size)
-    else:
-        steps = None
+    steps = cfg.planned_steps(rows) if hasattr(cfg, "planned_steps") else (t.max_steps or None)
     if steps is not None:
         tokens = steps * t.global_batch_size * m.max_seq_len
         part.flops = (4 if lora else 6) * shape.params * tokens

@@ -168,6 +168,17 @@ class DistillJobConfig(TrainingJobConfig):
         check_rationale_sampling(r, self.teacher.sampling, "teacher.")
         return self
 
+    @property
+    def on_policy_steps_per_iteration(self) -> int:
+        """method: on_policy: optimizer steps of one iteration (update_epochs passes over its samples)."""
+        op = self.on_policy
+        return op.update_epochs * op.prompts_per_iteration * op.samples_per_prompt // self.train.global_batch_size
+
+    def planned_steps(self, rows: int | None = None) -> int | None:
+        if self.method == "on_policy":
+            return self.on_policy.iterations * self.on_policy_steps_per_iteration
+        return super().planned_steps(rows)
+
     def packing_refusal(self) -> str | None:
         if self.method == "relations":
             return "method: relations compares whole examples within a micro-batch (pooled over each one's tokens)"

@@ -145,3 +145,11 @@ class RLHFJobConfig(TrainingJobConfig):
     @property
     def rollouts_per_iteration(self) -> int:
         return self.rl.prompts_per_iteration * self.sampling.n
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration: rl.update_epochs passes over its rollouts, train.global_batch_size at a time."""
+        return self.rl.update_epochs * self.rollouts_per_iteration // self.train.global_batch_size
+
+    def planned_steps(self, rows: int | None = None) -> int:
+        return self.rl.iterations * self.steps_per_iteration

@@ -3,6 +3,8 @@ optimisation, LoRA adapter, Ray Train resources, output directory and deployment
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field, model_validator
 
 from rayapp.config.base import (
@@ -60,6 +62,16 @@ class TrainingJobConfig(StrictModel):
         single causal-LM sequences with per-token losses override it."""
         return (f"kind: {getattr(self, 'kind', '?')} scores whole sequences (preference pairs, rollouts); packing applies to "
                 "kind: sft and kind: distill")
+
+    def planned_steps(self, rows: int | None = None) -> int | None:
+        """Optimizer steps the job will take (``rayapp plan``): train.max_steps, else ``rows`` training
+        examples x train.epochs / train.global_batch_size (the loop's count); None when unknown.
+        Kinds that count iterations override it."""
+        if self.train.max_steps:
+            return self.train.max_steps
+        if rows is None:
+            return None
+        return max(1, math.ceil(rows * self.train.epochs / self.train.global_batch_size))
 
     @property
     def grad_accum_steps(self) -> int:

@@ -275,8 +275,7 @@ def rlhf_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # the fresh value head is identical on every rank
     lm, policy = build_policy(data["model_dir"], cfg, algo)
     model = w.prepare(policy)
-    steps_per_iter = rl.update_epochs * cfg.rollouts_per_iteration // cfg.train.global_batch_size
-    opt = build_optimizer(model, cfg.train, rl.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint(),
+    opt = build_optimizer(model, cfg.train, cfg.planned_steps(), checkpoint=w.reporter.latest_checkpoint(),
                           lr_multipliers={"value_head": rl.value_lr_multiplier})
     u = PolicyUpdate(cfg, algo, model, opt, reference(cfg, data["model_dir"], lm, w.device), world, w.device)
     gpu_sync = cfg.resources.use_gpu and cfg.engine.use_gpu

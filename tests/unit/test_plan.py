@@ -9,6 +9,7 @@ import pytest
 from pydantic import Field
 
 from rayapp import plan as P
+from tests.conftest import ROOT
 from rayapp.config import load_job
 from rayapp.config.base import EngineConfig, ModelConfig, SamplingConfig, StrictModel
 
@@ -217,3 +218,19 @@ def test_cli_plan_prints(tmp_path, smol_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["parts"][0]["count"] == 2
     assert out["flops"] == 6 * 134_515_008 * 3 * 8 * 1024
+
+
+def test_iteration_kinds_count_their_optimizer_steps():
+    """kind: rlhf and method: on_policy take update_epochs x samples / global_batch_size steps per
+    iteration, which the plan counts (not epochs over the prompt file) and the training loop uses."""
+    from rayapp.plan import plan_training
+
+    rl = load_job(ROOT / "jobs/rlhf_grpo.yaml", ["rl.iterations=30", "rl.update_epochs=2"])
+    assert rl.planned_steps() == 30 * 2 * (8 * 4) // 16 == 120
+    assert "(120 steps)" in plan_training(rl).flops_note
+    opd = load_job(ROOT / "jobs/distill_on_policy.yaml", ["on_policy.iterations=30"])
+    per_iter = opd.on_policy.update_epochs * 8 * 4 // 16
+    assert opd.planned_steps() == 30 * per_iter
+    assert f"({30 * per_iter} steps)" in plan_training(opd).flops_note
+    sft = load_job(ROOT / "jobs/sft_tiny.yaml")
+    assert sft.planned_steps(256) == 10 * 256 // 16 and sft.planned_steps(None) is None

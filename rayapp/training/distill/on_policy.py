@@ -287,8 +287,7 @@ def on_policy_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     model = w.prepare(build_model(cfg, load_student(data["student_dir"], cfg), data, w.device).model)
     model.eval()  # no dropout: the scoring pass, the update and the engine compute the same distribution
-    steps_per_iter = op.update_epochs * op.prompts_per_iteration * op.samples_per_prompt // cfg.train.global_batch_size
-    opt = build_optimizer(model, cfg.train, op.iterations * steps_per_iter, checkpoint=w.reporter.latest_checkpoint())
+    opt = build_optimizer(model, cfg.train, cfg.planned_steps(), checkpoint=w.reporter.latest_checkpoint())
     gpu_sync = cfg.resources.use_gpu and op.engine.use_gpu
     sync = build_weight_sync(op.weight_sync, spool, rank, gpu_sync, op.sync_bucket_mib * 2**20)
     metrics_path = w.store.path("metrics.jsonl")
