@@ -9,9 +9,9 @@ import pytest
 from pydantic import Field
 
 from rayapp import plan as P
-from tests.conftest import ROOT
 from rayapp.config import load_job
 from rayapp.config.base import EngineConfig, ModelConfig, SamplingConfig, StrictModel
+from tests.conftest import ROOT
 
 # SmolLM2-135M's published config.json (HuggingFaceTB/SmolLM2-135M-Instruct).
 SMOLLM2 = {
