@@ -9,7 +9,9 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    answers for only ``--sft-steps`` steps (in this process, bench/distill_quality.py's
    ``train_teacher``; the demo's 800 steps reach ~0.8): a policy that answers some held-out
    questions right, most not;
-2. GRPO from it (jobs/rlhf_grpo.yaml, ``kind: rlhf``): rollouts from a vLLM CPU engine at T = 1,
+2. GRPO from it (jobs/rlhf_grpo.yaml, ``kind: rlhf``): 8 prompts x 16 samples per iteration at
+   lr 3e-5 (at lr 1e-4 greedy accuracy stayed flat or drifted down, with groups of 8 or 16: see
+   bench/results/rl_iteration.json ``other_runs``) from a vLLM CPU engine at T = 1,
    reward = exact match of the final answer only, updates on 2 Ray Train workers, new weights into
    the engine after each iteration (``rl.weight_sync: shm``); the held-out set is the job's
    validation data, so ``eval_reward_exact_match`` (greedy, vLLM) lands in metrics.jsonl at step 0
@@ -19,7 +21,7 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    trainer scores the sampled tokens at T = 0.7 (what rayapp now does) and at T = 1 (what it did):
    KL(engine || trainer) per token, each way.
 
-    .venv/bin/python bench/rl_iteration.py [--iterations 30] [--sft-steps 400] [--lr 5e-5] [--seeds 0 1]
+    .venv/bin/python bench/rl_iteration.py [--iterations 150] [--sft-steps 400] [--lr 3e-5] [--n 16] [--seeds 0 1]
 
 On a machine shared with other jobs, run it with OMP_NUM_THREADS=1: the in-process SFT's two
 OpenMP threads then stop spinning against the other jobs (here 20x faster: 400 steps in 92 s).
@@ -90,15 +92,15 @@ def mismatch(pool, model_dir: Path, prompts: list[dict], temperature: float) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--sft-rows", type=int, default=1000)
     ap.add_argument("--rl-prompts", type=int, default=1000)
     ap.add_argument("--test", type=int, default=200, help="held-out questions")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    ap.add_argument("--n", type=int, default=8, help="GRPO group size (sampling.n)")
+    ap.add_argument("--n", type=int, default=16, help="GRPO group size (sampling.n)")
     ap.add_argument("--prompts-per-iteration", type=int, default=8)
     ap.add_argument("--kl-coeff", type=float, default=0.0, help="rl.kl_coeff (k3 to the SFT policy, in the loss)")
     ap.add_argument("--update-epochs", type=int, default=1)
@@ -108,7 +110,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra job overrides (key=value)")
     ap.add_argument("--out", default=None, help="result file (default bench/results/rl_iteration.json)")
     ap.add_argument("--skip-mismatch", action="store_true")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench_rl"))
     args = ap.parse_args()
