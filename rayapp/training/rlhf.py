@@ -115,6 +115,13 @@ def group_advantages(rollouts: list[dict], cfg, algo) -> None:
         r["advantage"] = a
 
 
+def mixed_groups(rollouts: list[dict], n: int) -> float:
+    """Share of consecutive groups of ``n`` rollouts (one prompt's) whose scores are not all equal:
+    the groups that carry a nonzero group-relative advantage."""
+    groups = [[r["score"] for r in rollouts[k : k + n]] for k in range(0, len(rollouts), n)]
+    return sum(max(g) > min(g) for g in groups) / max(1, len(groups))
+
+
 def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[dict]:
     """Collate this rank's rollouts into micro-batches with old log-probs, reference log-probs, the
     critic's values, token advantages where the rollouts carry one (group advantages), and the
@@ -343,6 +350,8 @@ def rlhf_worker(config: dict) -> None:
             "tis_capped": red["tis_capped"] / max(red["mismatch_tokens"], 1.0),     # share of tokens at rl.tis_cap
             **{k: red[k] / per_update for k in LOSS_SUMS if k != "value_loss" or algo.critic},
             "response_len": sum(len(r["response_ids"]) for r in rollouts) / len(rollouts),
+            "truncated": sum(r.get("finish_reason") == "length" for r in rollouts) / len(rollouts),  # cut at sampling.max_tokens
+            "groups_mixed": mixed_groups(rollouts, cfg.sampling.n),  # share of groups whose rewards differ (nonzero GRPO advantage)
             "lr": opt.lr,
             "grad_norm": sums["grad_norm"] / max(1, sums["steps"]),
             "time_generate_s": timing["generate_s"],

@@ -273,3 +273,15 @@ def test_reward_model_scores_conversations_as_it_was_trained(tiny_model_dir, tmp
     actor.score([conv])
     text = actor.tokenizer.decode(seen[0])
     assert text.startswith("user: What is 2 + 2?\nassistant: 4") and "<|im_start|>" not in text
+
+
+# -- diagnostics: which groups carry a GRPO advantage ------------------------------------------------
+def test_groups_mixed_counts_groups_whose_rewards_differ_and_their_advantages_are_the_only_nonzero():
+    from rayapp.algorithms.rl import grpo_advantages
+    from rayapp.training.rlhf import mixed_groups
+
+    scores = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # all wrong, all right, one right of four
+    assert mixed_groups([{"score": s} for s in scores], 4) == pytest.approx(1 / 3)
+    adv = grpo_advantages(torch.tensor(scores), 4).view(3, 4)
+    assert torch.isfinite(adv).all() and adv[:2].abs().max() == 0 and adv[2].abs().min() > 0
+    assert adv[2, 1] > 0 > adv[2, 0]
