@@ -7,7 +7,7 @@ own behaviour on this task (issue 15): the greedy-accuracy drift at lr 1e-4 repr
 
 Run bench/rl_iteration.py first (it writes outputs/bench_rl/{sft,rl_train.jsonl,test.jsonl}), then
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/rl_reference_grpo.py --iters 80 --lr 3e-5 --n 16 --P 8 --steps 2
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/rl_reference_grpo.py --iters 80 --lr 3e-5 --n 16 --P 8 --steps 2
 
 --agg: token (token mean over the iteration), seq (per-sequence mean), const (Dr. GRPO's constant
 normaliser, 32 tokens a row); --std 0: no group-std scaling (Dr. GRPO). Prints reward, share of mixed
