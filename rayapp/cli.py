@@ -45,10 +45,31 @@ def _cmd_run(args) -> int:
                 console.say(f"rayapp: {cfg.name} failed; full log: {log}")
             raise
         if isinstance(summary, dict):
-            for key, value in summary.items():
-                if "\n" not in str(value) and key not in said:  # tables and said keys were printed already
-                    console.say(f"{key}: {value}")
+            for line in _summary_lines(summary, said):
+                console.say(line)
     return 0
+
+
+def _summary_lines(summary: dict, said=()) -> list[str]:
+    """``key: value`` lines of a run's summary, without tables and the keys a pipeline said already;
+    the stages' reports of a pipeline on one line when they share a directory and a file name
+    (``reports: OUT/{a,b}/report.html``)."""
+    import posixpath
+
+    items = [(k, str(v)) for k, v in summary.items() if "\n" not in str(v) and k not in said]
+    reports = [(k, v) for k, v in items if k.endswith(".report")]
+    parents = {posixpath.dirname(posixpath.dirname(v)) for _, v in reports}
+    names = {posixpath.basename(v) for _, v in reports}
+    one_line = len(reports) > 1 and len(parents) == 1 and len(names) == 1
+    lines = []
+    for k, v in items:
+        if one_line and k.endswith(".report"):
+            if k == reports[0][0]:
+                stages = ",".join(posixpath.basename(posixpath.dirname(r)) for _, r in reports)
+                lines.append(f"reports: {next(iter(parents))}/{{{stages}}}/{next(iter(names))}")
+            continue
+        lines.append(f"{k}: {v}")
+    return lines
 
 
 def _cmd_validate(args) -> int:

@@ -51,3 +51,13 @@ def test_captured_sends_everything_to_the_log_and_only_rayapp_lines_to_the_termi
 def test_say_is_a_plain_print_outside_a_capture(capsys):
     console.say("hello")
     assert capsys.readouterr().out == "hello\n"
+
+
+def test_run_summary_puts_a_pipelines_reports_on_one_line():
+    from rayapp.cli import _summary_lines
+
+    summary = {"pipeline": "/o/demo/pipeline.json", "wall_time_s": 793.0, "evaluate.table": "a\nb",
+               "teacher.report": "/o/demo/teacher/report.html", "evaluate.report": "/o/demo/evaluate/report.html"}
+    assert _summary_lines(summary, said=("wall_time_s",)) == ["pipeline: /o/demo/pipeline.json",
+                                                             "reports: /o/demo/{teacher,evaluate}/report.html"]
+    assert _summary_lines({"output_dir": "x", "report": "x/report.html", "loss": 0.5}) == ["output_dir: x", "report: x/report.html", "loss: 0.5"]
