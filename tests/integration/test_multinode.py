@@ -167,7 +167,6 @@ def test_ddp_node_lost_after_checkpoint_resumes_on_a_new_node(cluster, tmp_path)
 def test_job_no_node_can_hold_fails_at_once(cluster, tmp_path):
     """2 CPUs in the cluster, as the job asks, but no node has 2: refused before any worker starts,
     with the field to change."""
-    t0 = time.monotonic()
     proc = run_job(cluster, "jobs/sft_tiny.yaml", f"output_dir={tmp_path / 'big'}", "resources.num_workers=1",
                    "resources.cpus_per_worker=2")
     log = finish(proc, timeout=300)
@@ -175,8 +174,9 @@ def test_job_no_node_can_hold_fails_at_once(cluster, tmp_path):
     assert "no node of this cluster can hold one" in log, log[-3000:]
     assert "set resources.cpus_per_worker to at most 1" in log and "2 x {CPU: 1}" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
-    assert time.monotonic() - t0 < 120
-    assert not (tmp_path / "big" / "checkpoints").exists()
+    # Refused before any worker started: no worker recorded itself, no checkpoint (a wall-clock bound
+    # here failed on a loaded machine).
+    assert not (tmp_path / "big" / "workers.json").exists() and not (tmp_path / "big" / "checkpoints").exists()
 
 
 def test_s3_output_dir_train_kill_resume_export(cluster, s3_server, s3_bucket, tmp_path):
