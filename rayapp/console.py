@@ -32,10 +32,6 @@ _RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[^)]*)?\) ")
 _TAG = re.compile(r"^\[([^\]]+)\] ")
 
 
-def is_captured() -> bool:
-    return _state is not None
-
-
 def watch(name: str) -> None:
     """Lines tagged ``[name]`` are rayapp's own and reach the terminal."""
     _names.add(name)
