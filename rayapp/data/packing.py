@@ -64,7 +64,8 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(examples: Sequence[Tokens], pad_id: int, capacity: int) -> dict:
     """``input_ids``, ``labels``, ``position_ids`` and ``segment_ids`` as (R, L) int64 tensors, R
-    rows of packed examples (see the module docstring), L the longest row. No ``attention_mask``:
+    rows of packed examples (see the module docstring), L the longest row; ``example_starts``
+    (N, 2): where each example begins (row, column). No ``attention_mask``:
     the position ids carry the example boundaries (use :func:`lm_inputs` to call the model)."""
     import torch
 
@@ -77,6 +78,7 @@ def collate_packed(examples: Sequence[Tokens], pad_id: int, capacity: int) -> di
     labels = torch.full((R, longest), IGNORE_INDEX, dtype=torch.long)  # (R, L)
     position_ids = torch.zeros((R, longest), dtype=torch.long)  # (R, L)
     segment_ids = torch.full((R, longest), -1, dtype=torch.long)  # (R, L)
+    starts = torch.zeros((len(examples), 2), dtype=torch.long)  # (N, 2): each example's (row, first column)
     for r, b in enumerate(bins):
         at = 0
         for i in b:
@@ -87,9 +89,11 @@ def collate_packed(examples: Sequence[Tokens], pad_id: int, capacity: int) -> di
             labels[r, at] = IGNORE_INDEX  # predicted from the previous example's last token otherwise
             position_ids[r, at : at + n] = torch.arange(n)
             segment_ids[r, at : at + n] = i
+            starts[i, 0], starts[i, 1] = r, at
             at += n
         position_ids[r, at:] = torch.arange(longest - at)  # the padding tail: a block of its own
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
+            "example_starts": starts}
 
 
 def per_token(values, segment_ids, fill=0):

@@ -97,15 +97,11 @@ def collate_distill(items: list[DistillItem], pad_id: int, capacity: int | None 
         batch = collate_packed(items, pad_id, capacity)
         flags = torch.tensor([it.is_rationale for it in items], dtype=torch.bool)  # (B,)
         batch["is_rationale"] = per_token(flags, batch["segment_ids"], fill=False)  # (R, L)
-        starts = {}  # item -> (row, first column)
-        for r, row in enumerate(batch["segment_ids"].tolist()):
-            for c, seg in enumerate(row):
-                if seg >= 0 and seg not in starts:
-                    starts[seg] = (r, c)
+        starts = batch["example_starts"].tolist()  # item -> (row, first column)
     else:
         batch = collate_sft(items, pad_id)
         batch["is_rationale"] = torch.tensor([it.is_rationale for it in items], dtype=torch.bool)  # (B,)
-        starts = {i: (i, 0) for i in range(len(items))}
+        starts = [(i, 0) for i in range(len(items))]
     if items[0].topk_ids is not None:
         R, T = batch["input_ids"].shape
         K = len(items[0].topk_ids[0])
