@@ -50,7 +50,8 @@ Compute (upper bounds: every example counted at max_seq_len, every completion at
                       weights); T = optimizer steps * global_batch_size * max_seq_len
     generation FLOPs  2*P_engine per token, T = prompts * n * (max_model_len) per pass
     GPU-hours         FLOPs / (MFU * peak) / 3600, by default MFU 40% of an H100's dense bf16
-                      peak of 989 TFLOP/s (--mfu, --peak-tflops).
+                      peak of 989 TFLOP/s (--mfu, --peak-tflops)
+    cost              GPU-hours x --usd-per-gpu-hour
 """
 
 from __future__ import annotations
