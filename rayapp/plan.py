@@ -50,7 +50,8 @@ Compute (upper bounds: every example counted at max_seq_len, every completion at
                       weights); T = optimizer steps * global_batch_size * max_seq_len
     generation FLOPs  2*P_engine per token, T = prompts * n * (max_model_len) per pass
     GPU-hours         FLOPs / (MFU * peak) / 3600, by default MFU 40% of an H100's dense bf16
-                      peak of 989 TFLOP/s (--mfu, --peak-tflops).
+                      peak of 989 TFLOP/s (--mfu, --peak-tflops)
+    cost              GPU-hours x --usd-per-gpu-hour
 """
 
 from __future__ import annotations
@@ -340,6 +341,12 @@ class Plan:
         f = self.flops
         return None if f is None else f / (self.mfu * self.peak_tflops * 1e12) / 3600
 
+    @property
+    def usd(self) -> float | None:
+        """GPU-hours x --usd-per-gpu-hour (None without a price or a FLOP count)."""
+        hours = self.gpu_hours
+        return None if hours is None or self.usd_per_gpu_hour is None else hours * self.usd_per_gpu_hour
+
     def totals(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for p in self.parts:
@@ -432,24 +439,36 @@ def plan_engine(engine, model_ref: str, label: str, rows: int | None, sampling=N
     shape = model_shape(model_ref, f"{label} model")
     tp = engine.tensor_parallel_size
     dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if engine.use_gpu else "float32")
-    full = engine_memory(shape, dtype, engine.max_num_seqs * engine.max_model_len, tp)
-    one = engine_memory(shape, dtype, engine.max_model_len, tp)
-    if engine.use_gpu:
-        device, dev_bytes = _device(True, None, 1)
-        budget = engine.gpu_memory_utilization * dev_bytes
-        cache = max(0.0, budget - full.weights)
-        mem = Memory(weights=full.weights, kv_cache=min(cache, full.kv_cache))
-    else:
-        device, dev_bytes = _device(False, None, 1)
-        cache = engine.kv_cache_gib * GIB
-        mem = Memory(weights=full.weights, kv_cache=cache)
+    device, dev_bytes = _device(engine.use_gpu, None, 1)
+
+    def on_device(tp: int) -> tuple[Memory, float, int]:
+        """Memory of one device at tensor parallelism tp, the cache it gets, and how many sequences of
+        max_model_len that cache holds."""
+        full, one = (engine_memory(shape, dtype, t, tp) for t in (engine.max_num_seqs * engine.max_model_len,
+                                                                  engine.max_model_len))
+        if engine.use_gpu:
+            cache = max(0.0, engine.gpu_memory_utilization * dev_bytes - full.weights)
+            mem = Memory(weights=full.weights, kv_cache=min(cache, full.kv_cache))
+        else:
+            cache = engine.kv_cache_gib * GIB
+            mem = Memory(weights=full.weights, kv_cache=cache)
+        return mem, cache, int(cache // max(1, one.kv_cache))
+
+    mem, cache, seqs = on_device(tp)
     bundle = {"CPU": engine.cpus_per_engine, **({"GPU": float(tp)} if engine.use_gpu else {})}
     part = Part(f"{label}: vLLM engines ({model_ref}, tp={tp})", engine.num_engines, bundle, mem, device, dev_bytes)
     part.notes.append(f"parameters {_count(shape.params)}, {dtype}; KV cache {shape.kv_bytes_per_token(DTYPE_BYTES[dtype])} "
-                      f"B/token; full batch {engine.max_num_seqs} x {engine.max_model_len} tokens needs {_gib(full.kv_cache)}")
-    seqs = int(cache // max(1, one.kv_cache))
+                      f"B/token; full batch {engine.max_num_seqs} x {engine.max_model_len} tokens needs "
+                      f"{_gib(engine_memory(shape, dtype, engine.max_num_seqs * engine.max_model_len, tp).kv_cache)}")
     part.notes.append(f"cache holds {_gib(cache)}: about {seqs} sequence(s) of max_model_len at once")
     if seqs < 1 or (not part.fits):
+        # the smallest larger tensor parallelism (powers of two, up to one 8-GPU node) that fits, with its estimate
+        for more in (t for t in (2, 4, 8) if t > tp and engine.use_gpu):
+            alt, alt_cache, alt_seqs = on_device(more)
+            if alt_seqs >= 1 and alt.total <= USABLE_FRACTION * dev_bytes:
+                part.suggestions.append(f"engine.tensor_parallel_size: {more}: {_gib(alt.total)} per device "
+                                        f"(weights {_gib(alt.weights)}), cache for about {alt_seqs} sequence(s) - fits")
+                break
         part.suggestions.append("raise engine.tensor_parallel_size, lower engine.max_model_len, or use a smaller model")
     elif seqs < engine.max_num_seqs:
         part.suggestions.append(f"engine.max_num_seqs {engine.max_num_seqs} > {seqs} that fit: vLLM will batch fewer")
@@ -563,9 +582,10 @@ def format_plan(plan: Plan) -> str:
     lines.append("\nasks for: " + (", ".join(f"{v:g} {k}" for k, v in totals.items()) or "1 CPU"))
     if plan.flops is not None:
         hours = plan.gpu_hours
-        cost = f", ${hours * plan.usd_per_gpu_hour:,.2f} at ${plan.usd_per_gpu_hour:g}/GPU-hour" if plan.usd_per_gpu_hour else ""
+        cost = f", ${plan.usd:,.2f} at ${plan.usd_per_gpu_hour:g}/GPU-hour" if plan.usd is not None else ""
+        peak = " (H100 bf16 dense)" if plan.peak_tflops == H100_BF16_DENSE_TFLOPS else " per GPU (--peak-tflops)"
         lines.append(f"compute: {_flops(plan.flops)} total (upper bound) = {hours:.3g} GPU-hours at "
-                     f"{plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s (H100 bf16 dense){cost}")
+                     f"{plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s{peak}{cost}")
     lines.append(f"verdict: {'fits' if plan.fits else 'DOES NOT FIT: see the suggestions above'}")
     return "\n".join(lines)
 
@@ -577,10 +597,17 @@ def _flops(f: float | None) -> str:
 def _cmd_plan(args) -> int:
     from rayapp.config import load_job
 
+    if not 0 < args.mfu <= 1:
+        raise PlanError(f"--mfu {args.mfu:g}: a fraction in (0, 1], e.g. 0.4 for 40%")
+    if args.peak_tflops <= 0:
+        raise PlanError(f"--peak-tflops {args.peak_tflops:g}: must be > 0")
+    if args.usd_per_gpu_hour is not None and args.usd_per_gpu_hour < 0:
+        raise PlanError(f"--usd-per-gpu-hour {args.usd_per_gpu_hour:g}: must be >= 0")
     cfg = load_job(args.job, args.overrides)
     plan = estimate_plan(cfg, args.job, args.mfu, args.peak_tflops, args.usd_per_gpu_hour)
     if args.json:
         out = {"job": plan.job, "kind": plan.kind, "fits": plan.fits, "flops": plan.flops, "gpu_hours": plan.gpu_hours,
+               "mfu": plan.mfu, "peak_tflops": plan.peak_tflops, "usd_per_gpu_hour": plan.usd_per_gpu_hour, "usd": plan.usd,
                "totals": plan.totals(),
                "parts": [{**asdict(p), "fits": p.fits, "memory": {**asdict(p.memory), "total": p.memory.total}}
                          for p in plan.parts]}

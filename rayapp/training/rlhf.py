@@ -296,7 +296,8 @@ def rlhf_worker(config: dict) -> None:
     if opt.resumed_step is not None:
         sync.push(model)  # the engines start from model.path: give them the resumed policy
         if rank == 0:
-            print(f"[{cfg.name}] resuming at iteration {start}", flush=True)
+            print(f"[{cfg.name}] resuming from the checkpoint of iteration {start}: iteration {start + 1} of {rl.iterations} next",
+                  flush=True)
     if rank == 0:
         truncate_metrics(metrics_path, start)
         truncate_metrics(out / "sync_check.jsonl", start)

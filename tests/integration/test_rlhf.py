@@ -4,6 +4,7 @@ sequence match the exported model/ (scored with transformers) and no longer matc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -126,3 +127,50 @@ def test_one_ppo_iteration_updates_the_engine(pool, tiny_model_dir, tmp_path):
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
         assert not any("value_head" in k for k in f.keys())  # the exported policy has no value head
     _check_engine_has_new_weights(pool, out, tiny_model_dir)
+
+
+def test_two_iterations_resume_after_the_first_and_track_to_tensorboard(pool, tiny_model_dir, tmp_path, monkeypatch):
+    """A GRPO job of 1 iteration, then the same output_dir with rl.iterations=2 (a job stopped right
+    after iteration 1's checkpoint, re-run): the re-run resumes at iteration 2 (iteration 1's
+    metrics row is the first run's, once), its trainer starts from the checkpoint's policy (not
+    the base: KL to the reference is no longer 0) and its engine too (engine-vs-trainer KL ~ 0 on
+    iteration 2's samples). Both runs go through `rayapp run`'s path (kinds.run) with
+    report_to: [tensorboard]: the event files hold rlhf's own series, each step once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rayapp import kinds
+    from rayapp.training import rlhf
+    from tests.unit.test_tracking import tensorboard_scalars
+
+    monkeypatch.setattr(rlhf, "run", functools.partial(rlhf.run, pool=pool))  # kinds.run with this module's engine
+    out = tmp_path / "grpo"
+    overrides = [f"output_dir={out}", "rl.prompts_per_iteration=4", "sampling.n=4", "train.global_batch_size=8",
+                 "train.micro_batch_size=4", "train.learning_rate=3e-3", "rl.eval_prompts=0", LENGTH_REWARD,
+                 "sampling.temperature=0.7", "report_to=[tensorboard]"]
+    kinds.run(load_job(ROOT / "jobs/rlhf_grpo.yaml", [*overrides, "rl.iterations=1"]))
+    (first,) = _rows(out)
+    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    after_one = load_file(out / "model" / "model.safetensors")
+
+    kinds.run(load_job(ROOT / "jobs/rlhf_grpo.yaml", [*overrides, "rl.iterations=2"]))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0] == first  # not redone: a re-run iteration 1 would have its own timings and samples
+    second = rows[1]
+    # The trainer continued from the checkpoint: its policy before iteration 2's update is not the
+    # reference (with the base weights kl_ref would be 0, as in iteration 1) ...
+    assert second["kl_ref"] > 1e-3, second["kl_ref"]
+    # ... and the engine sampled iteration 2 with those same weights (pushed at resume): with the base
+    # weights in the engine, its log-probs would differ from the trainer's by that KL.
+    assert second["mismatch_kl"] < 1e-5, second["mismatch_kl"]
+    after_two = load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(after_one[k], after_two[k]) for k in after_one)  # iteration 2 trained it further
+    _check_engine_has_new_weights(pool, out, tiny_model_dir)
+
+    # report_to: tensorboard, resumed: rlhf's series, each step once, the values of metrics.jsonl.
+    scalars, config_text = tensorboard_scalars(out)
+    for key in ("reward_mean", "reward_std", "kl_ref", "mismatch_kl", "entropy", "clip_fraction", "time_sync_s"):
+        assert scalars[key] == [(r["step"], pytest.approx(r[key], rel=1e-5, abs=1e-7)) for r in rows], key
+    assert "rlhf" in config_text and "grpo" in config_text
+    assert json.loads((out / "tracking.json").read_text())["last_step"] == {"tensorboard": 2}
