@@ -386,6 +386,12 @@ class _CountingTeacher:
     def shutdown(self):
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
 
 def test_teacher_written_responses_share_one_engine_and_a_rerun_starts_none(tmp_path, tiny_tokenizer, monkeypatch):
     """logits.responses: teacher trains on what the teacher wrote (not the rows' output_text); the
