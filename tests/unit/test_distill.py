@@ -414,3 +414,17 @@ def test_teacher_written_responses_share_one_engine_and_a_rerun_starts_none(tmp_
     again = logits.build_data(cfg, tiny_tokenizer, tmp_path / "o")
     assert _CountingTeacher.starts == 1  # everything read from output_dir/teacher/
     assert [it.topk_ids for it in again.train] == [it.topk_ids for it in data.train]
+
+
+def test_teacher_sections_given_in_part_keep_the_teachers_defaults():
+    """`teacher.sampling.max_tokens=24` (or a `sampling:` block without temperature) kept the teacher
+    greedy? It sampled at SamplingConfig's 0.7: the given block replaced the greedy default whole.
+    Likewise teacher.engine and evaluate's engine keep max_model_len 512."""
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "sampling": {"max_tokens": 24}, "engine": {"cpus_per_engine": 2}}))
+    assert (cfg.teacher.sampling.temperature, cfg.teacher.sampling.max_tokens) == (0.0, 24)
+    assert (cfg.teacher.engine.max_model_len, cfg.teacher.engine.cpus_per_engine) == (512, 2)
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "sampling": {"temperature": 0.9}}))
+    assert (cfg.teacher.sampling.temperature, cfg.teacher.sampling.max_tokens) == (0.9, 128)
+    assert load_job_dict(_job(method="logits", teacher={"path": "tiny"})).teacher.sampling.temperature == 0.0
+    ev = load_job_dict({"kind": "evaluate", "models": [{"name": "m", "path": "tiny"}], "engine": {"num_engines": 2}})
+    assert (ev.engine.max_model_len, ev.engine.num_engines) == (512, 2)
