@@ -206,14 +206,15 @@ def _fmt_res(res: dict[str, float]) -> str:
 
 
 def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job", *, bundles: list[dict] | None = None,
-                    fields: dict[str, str] | None = None, strategy: str = "PACK") -> None:
+                    fields: dict[str, str] | None = None, strategy: str = "PACK", count_field: str = "resources.num_workers") -> None:
     """Raise ResourceError when the cluster can never satisfy the request (instead of waiting forever).
 
     ``cpus`` / ``gpus``: the totals asked for, checked against what the cluster's nodes hold (and an
     autoscaler may add: :func:`node_capacities`). ``bundles``: the per-worker requests of one
     placement group (identical dicts, e.g. ``[{"CPU": 1, "GPU": 1}] * 8``): each must fit on one
     node, and the nodes together must hold all of them as ``strategy`` (a Ray placement strategy)
-    places them; ``fields`` names the config field behind each resource for the message."""
+    places them; ``fields`` names the config field behind each resource for the message, and
+    ``count_field`` the one behind the number of bundles."""
     ray = ensure_ray()
     nodes = node_capacities(ray)
     have_cpu = sum(n.get("CPU", 0.0) for n in nodes)
@@ -241,6 +242,9 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
         short = [k for k, v in bundle.items() if v > largest[k]]
         change = "; ".join(f"set {fields.get(k, k)} to at most {largest[k]:g}" if largest[k] else
                            f"{fields.get(k, k)}: no node has any {k}" for k in short)
+        if not short:  # each resource is on some node, but no node has all of them together
+            short = list(bundle)
+            change = "no node has " + " and ".join(f"{bundle[k]:g} {k} ({fields.get(k, k)})" for k in short) + " together"
         raise ResourceError(
             f"{what} asks for {count} worker(s) of {_fmt_res(bundle)} each, but no node of this cluster can hold one "
             f"(nodes: {shapes}): {change}, or add nodes with at least {' and '.join(f'{bundle[k]:g} {k}' for k in short)}"
@@ -257,6 +261,6 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
     if holds < count:
         raise ResourceError(
             f"{what} asks for {count} worker(s) of {_fmt_res(bundle)} each, but the cluster holds at most {holds} "
-            f"{how} (nodes: {shapes}); lower resources.num_workers to {holds}, ask for less per worker "
+            f"{how} (nodes: {shapes}); lower {count_field} to {holds}, ask for less per worker "
             f"({', '.join(fields.get(k, k) for k in bundle)}), or add nodes"
         )

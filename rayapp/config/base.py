@@ -32,6 +32,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def keep_section_defaults(model: BaseModel, *names: str) -> BaseModel:
+    """A section given in part (``teacher: {sampling: {max_tokens: 24}}``, or the override
+    ``teacher.sampling.max_tokens=24``) replaces its field's default_factory whole, so the fields
+    it leaves out would take the section class's defaults (SamplingConfig: temperature 0.7) instead
+    of the values that factory sets (greedy, for a teacher). Put those values back, for each field
+    in ``names``; for a model_validator(mode="after")."""
+    for name in names:
+        preset = type(model).model_fields[name].default_factory().model_dump(exclude_unset=True)
+        section = getattr(model, name)
+        missing = {k: v for k, v in preset.items() if k not in section.model_fields_set}
+        if missing:
+            setattr(model, name, section.model_copy(update=missing))
+    return model
+
+
 class ModelConfig(StrictModel):
     path: str = Field("tiny", description="A local Hugging Face directory; a built-in name: 'tiny' (or e.g. 'tiny:layers=4,hidden=256'), 'smollm2-135m-instruct'; or a Hugging Face Hub id 'ORG/NAME', pinned as 'ORG/NAME@REVISION' (branch, tag or commit), fetched once into the Hugging Face cache ($RAYAPP_HF_CACHE: one every node reads; HF_HUB_OFFLINE=1: the cache only).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for training (float32 on CPU: bf16 is slow without AVX-512).")

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskType
+from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskType, keep_section_defaults
 from rayapp.config.batch import RationalesConfig, check_rationale_sampling
 from rayapp.config.training import TrainingJobConfig
 
@@ -35,6 +35,12 @@ class TeacherConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=128), description="Sampling of teacher rationales / responses.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales (step_by_step); rationales.task_type is the job's task_type.")
     chat: Literal["auto", "always", "never"] = Field("auto", description="Send questions to the teacher as a user message through its chat template ('auto': when the teacher has one), as kind: batch does.")
+
+    @model_validator(mode="after")
+    def _keep_teacher_defaults(self):
+        """engine/sampling given in part keep the teacher's max_model_len 512 and greedy 128-token
+        sampling (a `teacher.sampling.max_tokens=24` override sampled at temperature 0.7)."""
+        return keep_section_defaults(self, "engine", "sampling")
 
 
 class StepByStepConfig(StrictModel):

@@ -243,18 +243,31 @@ class LocalEngine:
 
 
 def check_engine_resources(ray, engine: EngineConfig, name: str) -> None:
-    """Fail fast when no node offers the custom resources ``engine.resources`` asks for (Ray would
-    wait for them forever)."""
+    """Fail fast when no node can hold an engine that asks for the custom resources
+    ``engine.resources`` (Ray would wait for them forever): a resource no node has, a node that has
+    it but not the engine's CPUs/GPU beside it, or fewer such nodes than ``engine.num_engines``
+    need. Counts what an autoscaler may add (:func:`rayapp.runtime.node_capacities`), as the
+    trainers' check does. Engines without custom resources are checked by ``check_resources``'s
+    totals alone (they go wherever CPUs are free)."""
     if not engine.resources:
         return
-    total = ray.cluster_resources()
-    missing = {k: v for k, v in engine.resources.items() if total.get(k, 0.0) < v * engine.num_engines}
-    if missing:
-        raise UserError(
-            f"the {name} engine pool asks for engine.resources {engine.resources} per engine x {engine.num_engines}, but the "
-            f"cluster has {', '.join(f'{k}: {total.get(k, 0.0):g}' for k in missing)}; start the inference nodes with "
-            f"`ray start --resources='{{\"{next(iter(missing))}\": N}}'` (cluster.yaml: resources of the node type), or remove engine.resources"
-        )
+    from rayapp.runtime import ResourceError, check_resources
+
+    # What one engine actor asks Ray for, all on one node (a tensor-parallel engine's GPUs are in
+    # their own placement group: only the actor's CPUs and custom resources are counted here).
+    bundle: dict[str, float] = {"CPU": float(engine.cpus_per_engine), **{k: float(v) for k, v in engine.resources.items()}}
+    if engine.use_gpu and engine.tensor_parallel_size == 1:
+        bundle["GPU"] = 1.0
+    fields = {"CPU": "engine.cpus_per_engine", "GPU": "engine.use_gpu", **{k: f"engine.resources.{k}" for k in engine.resources}}
+    try:
+        check_resources(what=f"the {name} engine pool (engine.resources {dict(engine.resources)}, engine.num_engines="
+                             f"{engine.num_engines})", bundles=[bundle] * engine.num_engines, fields=fields,
+                        count_field="engine.num_engines")
+    except ResourceError as e:
+        raise ResourceError(
+            f"{e}. Give the inference nodes that resource: `ray start --resources='{{\"{next(iter(engine.resources))}\": N}}'` "
+            "(cluster.yaml: resources of the node type), or remove engine.resources"
+        ) from None
 
 
 def _to_completions(rows: list[dict]) -> list[Completion]:

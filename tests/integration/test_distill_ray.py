@@ -176,3 +176,54 @@ def test_features_with_a_narrower_student_learns_a_projection(ray_cluster, tiny_
     assert rows[-1]["feature_loss"] < rows[0]["feature_loss"], [r["feature_loss"] for r in rows]
     with VLLMEnginePool(out / "model", EngineConfig(max_model_len=128, max_num_seqs=4, kv_cache_gib=1), name="check") as pool:
         _engine_matches_transformers(pool, out / "model")
+
+
+def test_logits_kd_over_teacher_written_responses_with_an_on_policy_round(ray_cluster, tuned_teacher, engine, tmp_path,
+                                                                         monkeypatch, capsys):
+    """logits.responses: teacher: the student is trained on what the teacher engine writes greedily
+    (the same text transformers generates from the teacher), not on the rows' output_text; with
+    logits.lmbda > 0 (on-policy GKD, one round) a lmbda share of those prompts is answered instead by
+    the student's own samples, scored by the teacher, and trained on. The KD loss falls."""
+    from rayapp import evaluation
+    from rayapp.models.io import load_tokenizer
+    from rayapp.training.distill import logits
+    from rayapp.training.distill.recipe import run
+
+    encoded = []  # (source, [(prompt, response)]) of every set of examples the job tokenized
+    original = logits.encode_examples
+
+    def recording(cfg, tokenizer, triples, source):
+        encoded.append((source, [(p, r) for p, r, _ in triples]))
+        return original(cfg, tokenizer, triples, source)
+
+    monkeypatch.setattr(logits, "encode_examples", recording)
+    out, n_rows, max_tokens = tmp_path / "resp", 16, 24
+    run(load_job(ROOT / "jobs/distill_logits.yaml", [
+        f"output_dir={out}", f"teacher.path={tuned_teacher}", "data.train=data/distill_tiny/train.jsonl", f"data.max_rows={n_rows}",
+        "logits.responses=teacher", "logits.lmbda=0.25", "logits.rounds=1", f"teacher.sampling.max_tokens={max_tokens}",
+        "train.max_steps=8", *FAST]))
+    _assert_trained(out, "kd_loss")
+
+    inputs = read_jsonl(ROOT / "data/distill_tiny/train.jsonl")[:n_rows]
+    prompts = [r["input_text"] for r in inputs]
+    written = read_jsonl(out / "teacher" / "responses.jsonl")
+    assert [r["input_text"] for r in written] == prompts
+    # The teacher's greedy answers, as transformers writes them from the same directory and chat template.
+    hf = evaluation.generate_transformers(tuned_teacher, evaluation.render_prompts(load_tokenizer(str(tuned_teacher)), prompts), max_tokens)
+    same = sum(r["output_text"].strip() == h.strip() for r, h in zip(written, hf, strict=True))
+    assert same >= n_rows - 1, list(zip([r["output_text"] for r in written], hf, strict=True))
+    # What the student trained on: the teacher's responses, not the rows' own output_text.
+    source, pairs = encoded[0]
+    assert source.endswith("distill_tiny/train.jsonl")
+    assert pairs == [(r["input_text"], r["output_text"]) for r in written if r["output_text"].strip()]
+    given = {r["input_text"]: r["output_text"] for r in inputs if "output_text" in r}
+    assert given and all(resp != given[p] for p, resp in pairs if p in given)
+    # The on-policy round: a lmbda share of the prompts, answered by the student, scored by the teacher.
+    source, samples = encoded[1]
+    assert source == "on-policy samples" and 1 <= len(samples) <= round(0.25 * len(pairs)), samples
+    teacher_said = dict(pairs)
+    assert all(p in teacher_said for p, _ in samples)
+    assert sum(s != teacher_said[p] for p, s in samples) >= 1, samples  # the student's own answers
+    assert len(read_jsonl(out / "teacher" / "topk_round_1.jsonl")) == len(samples)
+    assert f"on-policy round 1/1: {len(samples)} student samples scored by the teacher" in capsys.readouterr().out
+    _loads_in_vllm(engine, out / "model")

@@ -221,3 +221,73 @@ def test_batch_output_to_s3_written_by_the_replicas(ray_cluster, s3_server, s3_b
     _check_every_row_once(local)
     assert read_jsonl(local / "output.jsonl")[1]["output_text"] == "STORY 1: ONCE UPON A TIME"
     assert run(cfg, generator=Upper)["rows_generated"] == 0  # the checkpoint in the bucket says every row is done
+
+
+def test_batch_pool_scales_from_min_to_max_replicas(ray_cluster, tmp_path, monkeypatch):
+    """concurrency: [1, 2] is Ray Data's autoscaling actor pool, not a fixed one: rayapp hands Ray
+    Data ActorPoolStrategy(min_size=1, max_size=2) (seen by a spy), the pool starts with one replica
+    and adds the second only once the first is busy (Ray Data 2.60 scales up when a replica has
+    max_tasks_in_flight = 2 blocks queued: utilization 2 >= 1.75), and both, never more, write rows.
+    A slow trivial stage (1 s a block, 12 blocks) stands in for the engine, so no vLLM starts.
+    What cannot be asserted on 2 cores: when the second replica arrives (its start-up competes with
+    the first); a pool fixed at 2 would create both at once, which the order check below catches
+    whenever the first replica has begun a block before the second exists."""
+    import ray
+
+    from rayapp.teachers import Completion
+    from rayapp.teachers.batch import run
+
+    events = tmp_path / "events.jsonl"
+
+    class SlowStage:  # defined here: cloudpickle sends it (and `events`) to the replicas by value
+        name = "slow-trivial-stage"
+
+        def __init__(self, model_dir, cfg):
+            with open(events, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "event": "init", "t": time.time()}) + "\n")
+
+        def generate(self, prompts, sampling):
+            with open(events, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "event": "generate", "t": time.time()}) + "\n")
+            time.sleep(1.0)
+            return [Completion("ok", [1], "stop", prompt_index=i) for i in range(len(prompts))]
+
+    strategies = []
+
+    class SpyStrategy(ray.data.ActorPoolStrategy):
+        def __init__(self, **kw):
+            strategies.append(kw)
+            super().__init__(**kw)
+
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", SpyStrategy)
+    n = 96
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "input_text": f"Question {i}?"}) + "\n" for i in range(n)))
+    cfg = load_job(_job(tmp_path, "scale"), ["rows_per_shard=8", "batch_size=8"])
+    assert cfg.concurrency == [1, 2]
+    summary = run(cfg, generator=SlowStage)
+    assert summary["written"] == n
+    assert [r["id"] for r in read_jsonl(tmp_path / "scale" / "output.jsonl")] == [f"r{i}" for i in range(n)]
+    assert [(s["min_size"], s["max_size"]) for s in strategies] == [(1, 2)], strategies
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    inits = sorted((e for e in log if e["event"] == "init"), key=lambda e: e["t"])
+    first_block = min(e["t"] for e in log if e["event"] == "generate")
+    writers = {r.split(":")[1] for r in _replicas(tmp_path / "scale")}
+    print(f"replica inits at +{[round(e['t'] - inits[0]['t'], 2) for e in inits]} s, first block at "
+          f"+{first_block - inits[0]['t']:.2f} s; replicas that wrote rows: {sorted(writers)}")
+    assert len(inits) == 2, inits  # scaled up to max, never past it
+    assert inits[1]["t"] > first_block, "the second replica existed before the first had work: a fixed pool of 2?"
+    assert writers == {str(e["pid"]) for e in inits}, (writers, inits)  # both replicas wrote rows
+
+
+def test_engine_resource_no_node_has_stops_the_job_at_once(ray_cluster, tiny_model_dir, tmp_path):
+    """engine.resources naming a resource no node of the cluster has: the job stops before any
+    replica starts (Ray would wait for it forever) with a message naming engine.resources."""
+    from rayapp.runtime import ResourceError
+    from rayapp.teachers.batch import run
+
+    _write_input(tmp_path / "in.jsonl")
+    cfg = load_job(_job(tmp_path, "nores"), ["engine.resources={inference_only: 1}"])
+    with pytest.raises(ResourceError) as e:
+        run(cfg)
+    assert "engine.resources.inference_only: no node has any inference_only" in str(e.value), str(e.value)
+    assert not (tmp_path / "nores" / "parts").exists() or not any((tmp_path / "nores" / "parts").iterdir())

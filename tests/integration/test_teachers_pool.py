@@ -108,3 +108,75 @@ def test_score_rejects_sequences_it_cannot_take(pool):
 
     with pytest.raises((ray.exceptions.RayTaskError, ValueError), match="at least 2"):
         pool.score([[5]])
+
+
+def test_kind_evaluate_vllm_backend_answers_as_transformers_does(pool, tiny_model_dir, tmp_path, monkeypatch):
+    """`kind: evaluate` with `models[].backend: vllm`: the same model, asked the same held-out questions
+    greedily, gives the same answers as through the transformers backend. The model is the tiny one
+    with its matrices perturbed (the tiny model itself answers every chat prompt with newlines); the
+    gold labels are the transformers backend's own greedy first lines (so it scores 1.0), and the vLLM
+    model must score 1.0 too: a vLLM prompt rendered differently (no chat template, extra special
+    tokens), another model's weights, or sampling instead of greedy changes the answers. The engine is
+    this module's pool, loaded with those weights and handed to kind: evaluate in place of the pool it
+    starts (asserted: for this model and evaluate.engine), so no second engine starts."""
+    import json
+
+    import torch
+
+    import rayapp.teachers.pool as pool_module
+    from rayapp import evaluation
+    from rayapp.config.loader import load_job_dict
+    from rayapp.models.io import load_causal_lm, load_tokenizer, save_model_atomic
+    from rayapp.teachers.templates import normalize_label
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.dim() == 2:
+                v.add_(0.5 * torch.randn_like(v))
+    model_dir = str(save_model_atomic(model, tok, tmp_path / "perturbed"))
+    questions = [f"What is {a} + {b}?" for a in (3, 12, 51, 7, 93, 40) for b in (4, 30, 29, 8)]
+    max_new = 6
+    hf = evaluation.generate_transformers(model_dir, evaluation.render_prompts(tok, questions), max_new)
+    rows = []
+    for q, text in zip(questions, hf, strict=True):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        if normalize_label(first, "free") and "\ufffd" not in first:  # a split UTF-8 character may be rendered otherwise
+            rows.append({"input_text": q, "output_text": first})
+    assert len(rows) >= 6 and len({r["output_text"] for r in rows}) >= 3, rows  # answers depend on the question
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    started = []
+
+    class ThisModulesPool:  # what generate_vllm starts: this module's running pool, left running afterwards
+        def __init__(self, model_dir, engine, name="teacher", **kw):
+            started.append((str(model_dir), engine, name))
+
+        def __enter__(self):
+            return pool
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(pool_module, "VLLMEnginePool", ThisModulesPool)
+    engine = {"num_engines": 2, "cpus_per_engine": 1, "max_model_len": 128, "max_num_seqs": 16, "kv_cache_gib": 1}
+    cfg = load_job_dict({
+        "kind": "evaluate", "data": str(data), "task_type": "free", "latency_samples": 0, "engine": engine,
+        "models": [{"name": m, "path": model_dir, "backend": m, "extract": "answer", "max_new_tokens": max_new}
+                   for m in ("transformers", "vllm")],
+        "output_dir": str(tmp_path / "eval"),
+    })
+    pool.update_weights(model_dir)
+    try:
+        evaluation.run(cfg)
+    finally:
+        pool.update_weights(tiny_model_dir)  # the module's pool serves the tiny model again
+    results = {r["name"]: r for r in json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]}
+    assert started == [(model_dir, cfg.engine, "evaluation")], started
+    assert results["transformers"]["correct"] == results["transformers"]["n"] == len(rows), results["transformers"]
+    assert results["vllm"]["backend"] == "vllm"
+    assert results["vllm"]["correct"] == len(rows), [(s["gold"], s["completion"]) for s in results["vllm"]["samples"]]
+    assert results["vllm"]["accuracy"] == results["transformers"]["accuracy"] == 1.0

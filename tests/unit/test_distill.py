@@ -365,3 +365,66 @@ def test_logits_items_know_the_prompt_they_answer(tmp_path, tiny_tokenizer):
         answer = tiny_tokenizer.decode([t for t in it.labels if t != -100])
         expected = "chat answer" if it.prompt == "chat question" else str(int(it.prompt.split()[2]) + 1)
         assert answer.startswith(expected)
+
+
+class _CountingTeacher:
+    """A teacher pool stand-in: answers prompt i with 'teacher answer i', scores with a fixed top-k."""
+
+    starts = 0
+
+    def __init__(self, *a, **kw):
+        type(self).starts += 1
+
+    def generate(self, prompts, sampling):
+        from rayapp.teachers import Completion
+
+        return [Completion(text=f"teacher answer {i}", token_ids=[1], finish_reason="stop", prompt_index=i) for i in range(len(prompts))]
+
+    def score(self, sequences, top_k=0):
+        return [[{t: -0.1 * (t + 1) for t in range(top_k)} for _ in s[1:]] for s in sequences]
+
+    def shutdown(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_teacher_written_responses_share_one_engine_and_a_rerun_starts_none(tmp_path, tiny_tokenizer, monkeypatch):
+    """logits.responses: teacher trains on what the teacher wrote (not the rows' output_text); the
+    responses and their top-k come from one teacher engine (they had two starts, ~30 s each), and a
+    re-run that finds both cached in output_dir/teacher/ starts no engine at all (it started one)."""
+    from rayapp.training.distill import logits, teacher
+
+    rows = [{"input_text": f"What is {i} + 1?", "output_text": str(i + 1)} for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny"}, logits={"responses": "teacher", "top_k": 4},
+                             data={"train": str(tmp_path / "train.jsonl")}, output_dir=str(tmp_path / "o")))
+    monkeypatch.setattr(teacher, "teacher_pool", lambda cfg, name="teacher": _CountingTeacher())
+    _CountingTeacher.starts = 0
+    data = logits.build_data(cfg, tiny_tokenizer, tmp_path / "o")
+    assert _CountingTeacher.starts == 1
+    targets = {it.prompt: tiny_tokenizer.decode([t for t in it.labels if t != -100]) for it in data.train}
+    assert sorted(targets) == sorted(r["input_text"] for r in rows)
+    assert all(targets[f"What is {i} + 1?"].startswith(f"teacher answer {i}") for i in range(5)), targets
+    assert all(len(it.topk_ids) == len(it.input_ids) - 1 and len(it.topk_ids[0]) == 4 for it in data.train)
+    again = logits.build_data(cfg, tiny_tokenizer, tmp_path / "o")
+    assert _CountingTeacher.starts == 1  # everything read from output_dir/teacher/
+    assert [it.topk_ids for it in again.train] == [it.topk_ids for it in data.train]
+
+
+def test_teacher_sections_given_in_part_keep_the_teachers_defaults():
+    """`teacher.sampling.max_tokens=24` (or a `sampling:` block without temperature) kept the teacher
+    greedy? It sampled at SamplingConfig's 0.7: the given block replaced the greedy default whole.
+    Likewise teacher.engine and evaluate's engine keep max_model_len 512."""
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "sampling": {"max_tokens": 24}, "engine": {"cpus_per_engine": 2}}))
+    assert (cfg.teacher.sampling.temperature, cfg.teacher.sampling.max_tokens) == (0.0, 24)
+    assert (cfg.teacher.engine.max_model_len, cfg.teacher.engine.cpus_per_engine) == (512, 2)
+    cfg = load_job_dict(_job(method="logits", teacher={"path": "tiny", "sampling": {"temperature": 0.9}}))
+    assert (cfg.teacher.sampling.temperature, cfg.teacher.sampling.max_tokens) == (0.9, 128)
+    assert load_job_dict(_job(method="logits", teacher={"path": "tiny"})).teacher.sampling.temperature == 0.0
+    ev = load_job_dict({"kind": "evaluate", "models": [{"name": "m", "path": "tiny"}], "engine": {"num_engines": 2}})
+    assert (ev.engine.max_model_len, ev.engine.num_engines) == (512, 2)

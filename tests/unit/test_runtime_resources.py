@@ -95,3 +95,58 @@ def test_autoscaler_node_types_count_as_capacity(cluster):
     check_resources(cpus=8, gpus=8, bundles=[{"CPU": 1, "GPU": 1}] * 8)
     with pytest.raises(ResourceError, match="set resources.gpus_per_worker to at most 8, or add nodes with at least 16 GPU"):
         check_resources(gpus=16, bundles=[{"CPU": 1, "GPU": 16}], fields=FIELDS)
+
+
+# -- engine.resources: vLLM engines pinned to nodes with a custom resource ---------------------------
+
+def _engine_check(ray, **engine):
+    from rayapp.config.base import EngineConfig
+    from rayapp.teachers.pool import check_engine_resources
+
+    check_engine_resources(ray, EngineConfig(**engine), "rollout")
+
+
+def test_engine_resource_no_node_has_is_refused_naming_engine_resources(cluster):
+    ray = cluster(HEAD, {"CPU": 8.0}, {"CPU": 8.0})
+    with pytest.raises(ResourceError) as e:
+        _engine_check(ray, num_engines=2, resources={"inference": 1})
+    msg = str(e.value)
+    assert "engine.resources.inference: no node has any inference" in msg, msg
+    assert "ray start --resources='{\"inference\": N}'" in msg, msg
+    _engine_check(ray, num_engines=2)  # no custom resource: nothing to check here
+
+
+def test_engine_resource_on_a_node_too_small_for_the_engine_is_refused(cluster):
+    """The cluster holds 2 `inference` and 17 CPUs in total (what a totals-only check compared), but
+    the one node with `inference` has 1 CPU: an engine of 2 CPUs + inference: 1 fits nowhere (Ray
+    would wait forever)."""
+    ray = cluster(HEAD, {"CPU": 1.0, "inference": 2.0}, {"CPU": 16.0})
+    with pytest.raises(ResourceError) as e:
+        _engine_check(ray, num_engines=1, cpus_per_engine=2, resources={"inference": 1})
+    msg = str(e.value)
+    assert "no node of this cluster can hold one" in msg, msg
+    assert "no node has 2 CPU (engine.cpus_per_engine) and 1 inference (engine.resources.inference) together" in msg, msg
+    _engine_check(ray, num_engines=2, cpus_per_engine=0.5, resources={"inference": 1})  # two fit on that node
+
+
+def test_more_engines_than_the_resource_nodes_hold_names_num_engines(cluster):
+    ray = cluster(HEAD, {"CPU": 8.0, "inference": 1.0}, {"CPU": 8.0, "inference": 1.0}, {"CPU": 64.0})
+    _engine_check(ray, num_engines=2, resources={"inference": 1})
+    with pytest.raises(ResourceError) as e:
+        _engine_check(ray, num_engines=3, resources={"inference": 1})
+    assert "holds at most 2" in str(e.value) and "lower engine.num_engines to 2" in str(e.value), str(e.value)
+
+
+def test_engine_resource_an_autoscaler_node_type_offers_is_accepted(cluster):
+    """cluster.yaml's inference node type, none started yet: the autoscaler can add it, so the
+    engines are not refused (the trainers' check counts those nodes too)."""
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.name, group.max_count = "inference_worker", 2
+    group.resources["CPU"], group.resources["inference"] = 16, 8
+    ray = cluster(HEAD, {"CPU": 8.0}, autoscaler=config)
+    _engine_check(ray, num_engines=4, resources={"inference": 1})
+    with pytest.raises(ResourceError, match="engine.resources.other: no node has any other"):
+        _engine_check(ray, num_engines=1, resources={"other": 1})

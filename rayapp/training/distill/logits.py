@@ -37,29 +37,31 @@ def with_topk(cfg, items: list, out: Path, pool=None, tag: str = "topk") -> list
 def build_data(cfg, tokenizer, out: Path, *, dry: bool = False, student_dir=None, teacher_dir=None) -> DistillData:
     from rayapp.data.loaders import load_distill_inputs
     from rayapp.data.tokenize import use_chat_template
-    from rayapp.training.distill.teacher import teacher_pool, teacher_responses
+    from rayapp.training.distill.teacher import LazyTeacherPool, teacher_responses
 
     if not dry:
         check_same_vocab(cfg, tokenizer, teacher_dir)
     notes: list[str] = []
-    if cfg.logits.responses == "teacher":
-        records, st = load_distill_inputs(cfg.data.train, cfg.data)
-        prompts = [r.input_text for r in records]
-        if dry:
-            responses = ["?"] * len(prompts)
-            notes.append(f"the teacher writes {len(prompts)} responses at `rayapp run`")
+    # One teacher engine for the responses and their top-k, started only when one of them is not
+    # cached in out/teacher/ (a re-run of the same job starts none).
+    with LazyTeacherPool(cfg) as pool:
+        if cfg.logits.responses == "teacher":
+            records, st = load_distill_inputs(cfg.data.train, cfg.data)
+            prompts = [r.input_text for r in records]
+            if dry:
+                responses = ["?"] * len(prompts)
+                notes.append(f"the teacher writes {len(prompts)} responses at `rayapp run`")
+            else:
+                responses = teacher_responses(cfg, prompts, out, pool)
+            train, _ = encode_examples(cfg, tokenizer, [(p, r, "response") for p, r in zip(prompts, responses, strict=True) if r.strip()],
+                                       str(cfg.data.train))
+            data = DistillData(train, None, {"train": st.to_dict()}, notes=notes)
         else:
-            responses = teacher_responses(cfg, prompts, out)
-        train, _ = encode_examples(cfg, tokenizer, [(p, r, "response") for p, r in zip(prompts, responses, strict=True) if r.strip()],
-                                   str(cfg.data.train))
-        data = DistillData(train, None, {"train": st.to_dict()}, notes=notes)
-    else:
-        data = sft_items(cfg, tokenizer)
-    data.chat = use_chat_template(tokenizer, cfg.data.chat_template)
-    if dry:
-        notes.append(f"teacher top-{cfg.logits.top_k} log-probs are computed at `rayapp run` for {len(data.train)} sequences")
-        return data.replace(notes=notes)
-    with teacher_pool(cfg) as pool:
+            data = sft_items(cfg, tokenizer)
+        data.chat = use_chat_template(tokenizer, cfg.data.chat_template)
+        if dry:
+            notes.append(f"teacher top-{cfg.logits.top_k} log-probs are computed at `rayapp run` for {len(data.train)} sequences")
+            return data.replace(notes=notes)
         train = with_topk(cfg, data.train, out, pool, "topk")
         val = with_topk(cfg, data.val, out, pool, "topk_validation") if data.val else None
     return data.replace(train=train, val=val, notes=notes)
@@ -90,7 +92,7 @@ def rounds(cfg, data: DistillData, student_dir: Path, teacher_dir: str | None, t
     """On-policy GKD rounds (see the module docstring); one plain run when ``logits.lmbda`` is 0."""
     from rayapp.config.base import SamplingConfig
     from rayapp.teachers.pool import VLLMEnginePool
-    from rayapp.training.distill.teacher import teacher_pool
+    from rayapp.training.distill.teacher import LazyTeacherPool
 
     lc = cfg.logits
     if lc.lmbda == 0:
@@ -110,7 +112,7 @@ def rounds(cfg, data: DistillData, student_dir: Path, teacher_dir: str | None, t
             samples = [c.text for c in pool.generate(data.render_for_engine(prompts), sampling)]
         on_policy, _ = encode_examples(cfg, tokenizer, [(p, s, "response") for p, s in zip(prompts, samples, strict=True) if s.strip()],
                                        "on-policy samples")
-        with teacher_pool(cfg) as tpool:
+        with LazyTeacherPool(cfg) as tpool:  # no engine when this round's top-k is cached (a resumed job)
             on_policy = with_topk(cfg, on_policy, store.local, tpool, tag=f"topk_round_{r}")
         store.push("teacher")
         replaced = set(chosen)  # each item knows its prompt: the sampled ones are replaced by the student's answers

@@ -59,6 +59,38 @@ def teacher_pool(cfg, name: str = "teacher"):
     return VLLMEnginePool(cfg.teacher.path, cfg.teacher.engine, name=name)
 
 
+class LazyTeacherPool:
+    """The teacher pool, started at its first ``generate`` / ``score`` (a cache miss) and shared by
+    every later call, so teacher output read from ``output_dir/teacher/`` starts no engine and the
+    steps that do need the teacher (responses, then their top-k) share one engine start. A context
+    manager: the pool, if started, is shut down on exit."""
+
+    def __init__(self, cfg, name: str = "teacher"):
+        self.cfg, self.name, self.pool = cfg, name, None
+
+    def _started(self):
+        if self.pool is None:
+            self.pool = teacher_pool(self.cfg, self.name)
+        return self.pool
+
+    def generate(self, prompts, sampling=None):
+        return self._started().generate(prompts, sampling)
+
+    def score(self, sequences, top_k: int = 0):
+        return self._started().score(sequences, top_k=top_k)
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
 def rationale_prompt(cfg, model_dir: str):
     """question -> what the teacher is asked for a rationale (its few-shot template, through its
     chat template per ``teacher.chat``)."""
