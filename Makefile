@@ -11,7 +11,7 @@ BROKEN_EXTRAS := torchvision torchaudio torchcodec
 PIP_EXTRA_INDEX ?=
 PIP_INDEX_ARGS := $(if $(strip $(PIP_EXTRA_INDEX)),--extra-index-url $(PIP_EXTRA_INDEX))
 
-.PHONY: setup demo test test-all test-fast lint bench bench-trl-env data clean
+.PHONY: setup demo test test-fast lint bench bench-trl-env data clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	@$(BIN)/rayapp run jobs/demo.yaml
 
-# The default suite leaves out tests marked `slow` (each starts its own Ray head or trains for
-# minutes: job submission, worker-kill recovery, the reward endpoint, deploy-after-training, the
-# full-size demo); `make test-all` runs them too.
+# The whole suite (unit, integration, end to end: job submission, worker-kill recovery, the reward
+# endpoint, deploy after training, the full-size demo); about 55 minutes on 2 cores.
 test: setup
-	$(BIN)/python -m pytest tests -q -m "not slow" --durations=25
-
-test-all: setup
 	$(BIN)/python -m pytest tests -q --durations=40
 
 test-fast: setup

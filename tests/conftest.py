@@ -27,10 +27,53 @@ use_fake_aws_credentials()
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now (for a Serve proxy or a Ray head)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now (for a Serve proxy or a Ray head), below the kernel's
+    ephemeral range and above Ray's worker ports (10002-19999): a port the kernel hands out itself
+    (bind to 0) is soon handed out again to one of the many sockets Ray opens, and a Serve proxy
+    started minutes later (after training) then fails with "Failed to bind"."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    for _ in range(200):
+        port = random.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port between 20000 and the ephemeral range")
+
+
+class CpuBurners:
+    """One busy-looping process per core, bounded in time (30 min) and killed on exit: a machine
+    whose cores are all busy with something else while a job runs (issue 18)."""
+
+    BURN = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    pass\n"
+
+    def __enter__(self) -> CpuBurners:
+        import subprocess
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", self.BURN]) for _ in range(os.cpu_count() or 1)]
+        return self
+
+    def all_alive(self) -> bool:
+        return all(b.poll() is None for b in self.procs)
+
+    def cpu_seconds(self) -> list[float]:
+        """CPU seconds each burner has had so far (user + system, from /proc)."""
+        out = []
+        for b in self.procs:
+            fields = Path(f"/proc/{b.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return out
+
+    def __exit__(self, *exc) -> None:
+        for b in self.procs:
+            b.kill()
+            b.wait()
 
 
 @pytest.fixture(scope="session")

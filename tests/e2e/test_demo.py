@@ -1,54 +1,30 @@
 """The main pipeline (jobs/demo.yaml) end to end: data -> teacher -> rationales -> two students ->
 evaluation -> a served student that answers a held-out question over HTTP.
 
-``test_demo_pipeline_small`` runs it shrunk (CI): the mechanics — every stage, the table with its
-95% intervals, the claims checked against it, the closing question drawn from the held-out set and
-scored against its gold answer, every stage skipped on a re-run. ``test_demo_meets_its_numbers``
-(slow: the full demo, about 8 minutes on 2 cores) asserts what the demo shows: issue 14's numbers.
+One run of `make demo` as shipped (about 10 minutes on 2 cores) checks both the mechanics — every
+stage, the table with its 95% intervals, the claims printed with their verdicts, a quiet console, the
+closing question drawn from the held-out set and scored against its gold answer, every stage skipped
+on a re-run — and what the demo shows (issue 14's numbers). A shrunk run would check the mechanics
+in a third of the time, but the full run is needed for the numbers and does both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
 STAGES = ("data", "teacher", "rationales", "student_sbs", "student_std", "evaluate", "serve")
 SKIPPED = "done before with the same inputs, skipped"
-
-SMALL = [
-    "stages.data.sizes.train=240", "stages.data.sizes.unlabeled=60", "stages.data.sizes.test=24",
-    "stages.teacher.model.path=tiny",
-    "stages.teacher.train.max_steps=40", "stages.teacher.train.eval_every=20", "stages.teacher.train.checkpoint_every=20",
-    "stages.student_sbs.student.keep_every=2", "stages.student_std.student.keep_every=2",
-    "stages.student_sbs.train.max_steps=16", "stages.student_std.train.max_steps=16",
-    "stages.student_sbs.train.eval_every=8", "stages.student_std.train.eval_every=8",
-    "stages.student_sbs.train.checkpoint_every=8", "stages.student_std.train.checkpoint_every=8",
-    "stages.student_sbs.evaluation.max_examples=8", "stages.student_std.evaluation.max_examples=8",
-    # The packaged SmolLM2 few-shot baseline (a vLLM engine) is left out here to keep CI short; the full demo has it.
-    "stages.evaluate.models=[{name: teacher, path: '${stages.teacher.output_dir}/model', extract: rationale, max_new_tokens: 40},"
-    " {name: sbs, path: '${stages.student_sbs.output_dir}/model', prefix: 'predict: ', max_new_tokens: 8},"
-    " {name: std, path: '${stages.student_std.output_dir}/model', prefix: 'predict: ', max_new_tokens: 8}]",
-    "stages.evaluate.claims=[{model: sbs, versus: teacher, ratio_at_least: 0.8},"
-    " {model: sbs, versus: std, metric: latency, ratio_at_most: 10},"
-    " {model: sbs, versus: std, margin_at_least: 0.10, otherwise: 'not at this size'}]",
-    "stages.evaluate.select_best=[sbs, std]", "stages.evaluate.latency_samples=2",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env(tmp_path) -> dict:
     env = dict(os.environ)
@@ -97,26 +73,14 @@ def _check_run(p, out: Path, port: int) -> tuple[dict, dict]:
     return evaluation, summary
 
 
-def _check_rerun_skips_everything(args, env) -> None:
+def _check_rerun_skips_everything(args, env, out: Path) -> None:
     p2 = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
+    statuses = {name: s["status"] for name, s in json.loads((out / "pipeline.json").read_text())["stages"].items()}
+    assert statuses == dict.fromkeys(STAGES, "skipped"), statuses
     assert p2.stdout.count(SKIPPED) == len(STAGES), p2.stdout[-3000:]
 
 
-def test_demo_pipeline_small(tmp_path):
-    out, port, env = tmp_path / "demo", _free_port(), _env(tmp_path)
-    args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", f"stages.serve.deploy.port={port}", *SMALL]
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2300)
-        evaluation, _ = _check_run(p, out, port)
-        assert {r["name"] for r in evaluation["results"]} == {"teacher", "sbs", "std"}
-        assert [c["holds"] for c in evaluation["claims"]][1] is True  # a latency ratio: both are measured
-        _check_rerun_skips_everything(args, env)
-    finally:
-        subprocess.run([*RAYAPP, "deploy", "--shutdown"], cwd=ROOT, env=env, capture_output=True, timeout=300)
-
-
-@pytest.mark.slow
 def test_demo_meets_its_numbers(tmp_path):
     """`make demo` as shipped (only its output directory and port moved): the teacher answers at least
     0.7 of >= 300 held-out questions (the few-shot baseline answers the first 100); the step-by-step
@@ -124,7 +88,7 @@ def test_demo_meets_its_numbers(tmp_path):
     SmolLM2-135M with at most a fifth of its prompt tokens and a tenth of its latency; it either beats
     the standard student by 0.10 or the demo says that it does not at this data size; the served
     student answers the closing held-out question right."""
-    out, port, env = tmp_path / "demo", _free_port(), _env(tmp_path)
+    out, port, env = tmp_path / "demo", free_port(), _env(tmp_path)
     args = [*RAYAPP, "run", "jobs/demo.yaml", f"output_dir={out}", f"stages.serve.deploy.port={port}"]
     try:
         p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2300)
@@ -136,9 +100,12 @@ def test_demo_meets_its_numbers(tmp_path):
         for key in (("teacher (tuned)", "accuracy"), ("SmolLM2-135M 4-shot", "accuracy"),
                     ("SmolLM2-135M 4-shot", "prompt_tokens"), ("SmolLM2-135M 4-shot", "latency")):
             assert claims[key]["holds"] is True, claims[key]
+        # The method helps: the step-by-step student beats the standard one trained on the same rows (by
+        # 0.10, or the demo prints why not at this data size).
+        assert acc["student step-by-step"]["accuracy"] > acc["student standard FT"]["accuracy"]
         versus_std = claims[("student standard FT", "accuracy")]
         assert versus_std["holds"] or (versus_std["otherwise"] and versus_std["otherwise"].splitlines()[0].strip() in p.stdout)
         assert summary["ask"]["correct"] is True and summary["ask"]["answer"] == summary["ask"]["gold"]
-        _check_rerun_skips_everything(args, env)
+        _check_rerun_skips_everything(args, env, out)
     finally:
         subprocess.run([*RAYAPP, "deploy", "--shutdown"], cwd=ROOT, env=env, capture_output=True, timeout=300)

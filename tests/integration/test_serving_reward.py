@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 KEY = "reward-key-42"
 NAME = "rm-tiny"
