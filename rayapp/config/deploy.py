@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rayapp.config.base import DeployConfig, StrictModel
+from rayapp.config.base import DeployConfig, StrictModel, keep_section_defaults
 
 
 class DeployJobConfig(StrictModel):
@@ -31,3 +31,7 @@ class DeployJobConfig(StrictModel):
         default_factory=lambda: DeployConfig(enabled=True),
         description="Endpoint settings: host, port, replicas, API key, context length, devices.",
     )
+
+    @model_validator(mode="after")
+    def _deploy_defaults(self):
+        return keep_section_defaults(self, "deploy")  # a `deploy:` block given in part is still enabled

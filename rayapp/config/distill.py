@@ -108,6 +108,10 @@ class OnPolicyConfig(StrictModel):
     sync_bucket_mib: int = Field(256, gt=0, description="Weight sync bucket size in MiB.")
     eval_examples: int = Field(64, ge=0, description="Held-out rows (evaluation.data) the student's engines answer greedily before training and every train.eval_every iterations: val_answer_accuracy in metrics.jsonl (0: off).")
 
+    @model_validator(mode="after")
+    def _engine_defaults(self):
+        return keep_section_defaults(self, "engine")  # an engine given in part keeps max_model_len 256, max_num_seqs 64
+
 
 class DistillEvalConfig(StrictModel):
     data: str | None = Field(None, description="Held-out rows {input_text, output_text} whose answers are checked (default: data.validation when it has labels).")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import DataConfig, EngineConfig, SamplingConfig, StrictModel
+from rayapp.config.base import DataConfig, EngineConfig, SamplingConfig, StrictModel, keep_section_defaults
 from rayapp.config.training import TrainingJobConfig
 
 
@@ -112,8 +112,7 @@ class RLHFJobConfig(TrainingJobConfig):
         the policy's own distribution, not the base default 0.7; engines that return the log-probs
         of the distribution they sampled from (after temperature, top-k, top-p), which truncated
         importance sampling and mismatch_kl compare with the trainer's."""
-        if "temperature" not in self.sampling.model_fields_set:
-            self.sampling = self.sampling.model_copy(update={"temperature": 1.0})
+        keep_section_defaults(self, "engine", "sampling")  # temperature 1.0, n 4, max_tokens 64, max_model_len 256 ...
         if "logprobs_mode" not in self.engine.model_fields_set:
             self.engine = self.engine.model_copy(update={"logprobs_mode": "processed"})
         return self

@@ -54,3 +54,21 @@ def test_example_jobs_and_vertex_knobs():
     assert rm.adapter.rank == 4
     dpo = load_job(ROOT / "jobs/dpo.yaml", ["beta=0.5"])
     assert dpo.beta == 0.5 and dpo.reference == "precompute"
+
+
+def test_sections_given_in_part_keep_their_kinds_defaults():
+    """A `sampling:` or `engine:` block given in part replaced its default whole: an rlhf job with
+    `sampling: {temperature: 0.8}` lost n: 4 (GRPO groups of 1) and max_tokens: 64; the on-policy
+    student's engine and a deploy job's `deploy:` block lost theirs (max_model_len 256; enabled)."""
+    from rayapp.config import load_job_dict
+
+    cfg = load_job_dict({"kind": "rlhf", "sampling": {"temperature": 0.8}, "engine": {"kv_cache_gib": 2}})
+    assert (cfg.sampling.temperature, cfg.sampling.n, cfg.sampling.max_tokens) == (0.8, 4, 64)
+    assert (cfg.engine.kv_cache_gib, cfg.engine.max_model_len, cfg.engine.max_num_seqs, cfg.engine.logprobs_mode) == (2, 256, 64, "processed")
+    cfg = load_job_dict({"kind": "rlhf", "sampling": {"n": 8}})
+    assert (cfg.sampling.temperature, cfg.sampling.n, cfg.sampling.max_tokens) == (1.0, 8, 64)
+    od = load_job_dict({"kind": "distill", "method": "on_policy", "teacher": {"path": "tiny"},
+                        "data": {"train": "data/rl_prompts/train.jsonl"}, "on_policy": {"engine": {"kv_cache_gib": 2}}})
+    assert (od.on_policy.engine.max_model_len, od.on_policy.engine.max_num_seqs) == (256, 64)
+    dep = load_job_dict({"kind": "deploy", "model": "tiny", "deploy": {"port": 8123}})
+    assert dep.deploy.enabled is True and dep.deploy.port == 8123
