@@ -41,7 +41,16 @@ BUSY_MACHINE_TIMEOUTS: dict[str, tuple[str, str]] = {
     "RAY_agent_register_timeout_ms": (
         "300000", "the dashboard agent of a new node can take minutes to register on a loaded machine"),
     "RAY_raylet_start_wait_time_s": ("300", "`ray start` waits for its raylet that long, for the same reason"),
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": (
+        "60", "Serve's controller gives a new HTTP proxy 5 s to answer its ready check, then kills and restarts it; "
+              "a CPU-starved proxy needs longer, and `rayapp deploy` then failed with the proxy actor killed"),
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": (
+        "60", "a running proxy that misses 3 health checks of 10 s in a row is killed, its open requests with it"),
 }
+
+# Serve's own wait for its HTTP proxy in serve.start() is a fixed 60 s (no setting); past it rayapp
+# keeps waiting for the proxy the controller is still starting, up to this long.
+SERVE_PROXY_START_WAIT_S = 600
 
 
 def busy_machine_timeouts(env: dict | None = None) -> dict:

@@ -184,12 +184,37 @@ def start_serve(deploy: DeployConfig) -> int:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": deploy.host, "port": deploy.port})
+        try:
+            serve.start(http_options={"host": deploy.host, "port": deploy.port})
+        except TimeoutError:  # "HTTP proxies not available after 60s": a busy machine, or a real failure
+            _wait_for_proxies()
         return deploy.port
     port = client.http_config.port
     if port != deploy.port:
         log.warning("Ray Serve already listens on port %d on this cluster; deploy.port=%d is ignored", port, deploy.port)
     return port
+
+
+def _wait_for_proxies() -> None:
+    """After serve.start()'s fixed 60 s: wait (up to runtime.SERVE_PROXY_START_WAIT_S) for every HTTP
+    proxy the controller is starting to be healthy; a proxy that is still not, or that died, is an error."""
+    import time
+
+    from ray import serve
+
+    from rayapp.runtime import SERVE_PROXY_START_WAIT_S
+
+    deadline = time.monotonic() + SERVE_PROXY_START_WAIT_S
+    states: dict = {}
+    while time.monotonic() < deadline:
+        states = {node: str(getattr(state, "value", state)) for node, state in serve.status().proxies.items()}
+        if states and all(state == "HEALTHY" for state in states.values()):
+            log.info("Serve's HTTP proxy became ready after more than 60 s (a busy machine)")
+            return
+        time.sleep(2)
+    raise DeployError(f"Ray Serve's HTTP proxy is not ready after {SERVE_PROXY_START_WAIT_S + 60} s (proxy states: "
+                      f"{states or 'none'}); is the port free and the machine not overloaded? See the Ray logs "
+                      "(logs/console.log, or the head's session_latest/logs/serve/)")
 
 
 def deploy_model(model_dir: str | Path, adapters: dict[str, str] | None, deploy: DeployConfig, name: str) -> DeployInfo:

@@ -4,10 +4,11 @@ adapters on one base, `rayapp deploy --status` lists what runs, and `rayapp depl
 removes it all and stops the local head rayapp started.
 
 Everything shares one persistent local head (a record file private to this test). The sft job
-trains while one CPU burner per core keeps the machine busy (issue 18: jobs on the persistent head
-survive a busy machine; tests/e2e/test_busy_machine.py does the same in-process). The sft endpoint
-and the reward model stay up, so the head lives through the test, while each other vLLM deployment
-is checked and removed before the next, keeping at most two engines up at a time.
+trains while one CPU burner per core keeps the machine busy, until its model is exported (issue 18:
+jobs on the persistent head survive a busy machine; tests/e2e/test_busy_machine.py does the same
+in-process). The sft endpoint and the reward model stay up, so the head lives through the test,
+while each other vLLM deployment is checked and removed before the next, keeping at most two
+engines up at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from rayapp.data.readers import read_jsonl
 from tests.conftest import CpuBurners, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]  # 5 jobs, 4 vLLM engine starts
@@ -44,10 +47,25 @@ def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_pat
         assert KEY not in p.stdout + p.stderr  # the key is never logged
         return p
 
-    def run(job: str, name: str, *overrides: str) -> str:
-        """`rayapp run` with deploy.enabled; returns the endpoint it printed, once the command has exited."""
-        p = rayapp("run", job, f"output_dir={tmp_path / name}", f"name={name}", "deploy.enabled=true", f"deploy.port={port}",
-                   f"deploy.route_prefix=/{name}", "deploy.max_model_len=256", *overrides, timeout=1500)
+    def run(job: str, name: str, *overrides: str, burn_until_trained: bool = False) -> str:
+        """`rayapp run` with deploy.enabled; returns the endpoint it printed, once the command has exited.
+        With burn_until_trained, one CPU burner per core runs from the start until the job has exported
+        its model (training, checkpoints, evaluation and export on a busy machine; the engine then
+        starts on a quiet one, to keep the suite short)."""
+        args = [*RAYAPP, "run", job, f"output_dir={tmp_path / name}", f"name={name}", "deploy.enabled=true", f"deploy.port={port}",
+                f"deploy.route_prefix=/{name}", "deploy.max_model_len=256", *overrides]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        if burn_until_trained:
+            with CpuBurners() as burners:
+                deadline = time.monotonic() + 1500
+                while proc.poll() is None and not (tmp_path / name / "model" / "config.json").exists():
+                    assert time.monotonic() < deadline, "training did not finish in 1500 s"
+                    time.sleep(1)
+                assert burners.all_alive(), "a burner stopped before the job ended"
+        out, err = proc.communicate(timeout=1500)
+        p = subprocess.CompletedProcess(args, proc.returncode, out, err)
+        assert p.returncode == 0, " ".join(args) + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+        assert KEY not in p.stdout + p.stderr  # the key is never logged
         url = f"http://127.0.0.1:{port}/{name}/v1"
         assert f"endpoint: {url}" in p.stdout and f"served_model: {name}" in p.stdout, p.stdout[-2000:]
         return url
@@ -65,10 +83,10 @@ def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_pat
         assert name in rayapp("deploy", "--shutdown", name).stdout
 
     try:
-        with CpuBurners() as burners:
-            url = run("jobs/sft_tiny.yaml", "sft", "deploy.api_key_env=E2E_KEY", "train.max_steps=8",
-                      "train.eval_every=4", "train.checkpoint_every=4")
-            assert burners.all_alive(), "a burner stopped before the job ended"
+        url = run("jobs/sft_tiny.yaml", "sft", "deploy.api_key_env=E2E_KEY", "train.max_steps=8", "train.eval_every=4",
+                  "train.checkpoint_every=4", burn_until_trained=True)
+        steps = [r["step"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
+        assert steps == list(range(1, 9)), steps
         answers(url, "sft", KEY)
         with pytest.raises(AuthenticationError):
             client(url, "wrong-key").models.list()
@@ -76,6 +94,14 @@ def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_pat
         url = run("jobs/reward_model.yaml", "rm", *SHORT)
         scored = httpx.post(f"{url}/score", json={"model": "rm", "input": ["2+3=5", "2+3=7"]}, timeout=120)
         assert scored.status_code == 200 and len(scored.json()["data"]) == 2, scored.text
+        # jobs/deploy_reward_tiny.yaml as shipped (kind: deploy, reward: true, at /reward) serves the same
+        # job's output: the same scores.
+        p = rayapp("run", "jobs/deploy_reward_tiny.yaml", f"model={tmp_path / 'rm'}", f"deploy.port={port}", timeout=900)
+        again = httpx.post(f"http://127.0.0.1:{port}/reward/v1/score",
+                           json={"model": "reward_model_tiny", "input": ["2+3=5", "2+3=7"]}, timeout=120)
+        assert again.status_code == 200, again.text + p.stdout[-2000:]
+        assert [d["score"] for d in again.json()["data"]] == pytest.approx([d["score"] for d in scored.json()["data"]], abs=1e-4)
+        remove("reward_model_tiny")
 
         url = run("jobs/rlhf_grpo.yaml", "rlhf", "rl.iterations=1", "rl.prompts_per_iteration=4", "rl.eval_prompts=0",
                   "train.micro_batch_size=8")
