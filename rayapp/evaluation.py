@@ -98,7 +98,7 @@ def generate_transformers(model_dir: str | Path, prompts: list[str], max_new_tok
     return outs
 
 
-def generate_vllm(model_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, engine=None, generator=None) -> list[str]:
+def generate_vllm(model_dir: str | Path, prompts: list, max_new_tokens: int = 32, engine=None, generator=None) -> list[str]:
     """Greedy completions from a vLLM engine pool (started here and shut down unless ``generator`` is given)."""
     from rayapp.config.base import EngineConfig, SamplingConfig
 
@@ -162,7 +162,12 @@ def evaluate_answers(model_dir: str | Path, rows: list[dict], *, task_type: str 
         plain = not use_chat_template(tok, chat_template)  # plain text rows were tokenized with special tokens
         completions = generate_transformers(model_dir, prompts, max_new_tokens, add_special_tokens=plain)
     elif backend == "vllm":
-        completions = generate_vllm(model_dir, prompts, max_new_tokens, engine, generator)
+        # Templated prompts go to the engine as messages: it renders them and encodes without adding
+        # special tokens again (a rendered string would be encoded with them: two BOS on tokenizers
+        # that add one and whose template starts with it, unlike the transformers backend).
+        templated = use_chat_template(tok, chat_template)
+        engine_prompts = [[{"role": "user", "content": t}] if templated and isinstance(t, str) else t for t in texts]
+        completions = generate_vllm(model_dir, engine_prompts, max_new_tokens, engine, generator)
     else:
         raise ValueError(f"unknown evaluation backend {backend!r}; expected 'transformers' or 'vllm'")
     result = score_answers(rows, completions, task_type, extract)

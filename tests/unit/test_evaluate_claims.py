@@ -87,3 +87,34 @@ def test_a_model_may_answer_only_the_first_questions(tmp_path, monkeypatch):
     results = [ev.evaluate_model(m, cfg, rows) for m in cfg.models]
     assert [(r["n"], r["accuracy"]) for r in results] == [(10, 1.0), (4, 1.0)]
     assert results[1]["ci95"] == list(wilson_interval(4, 4))
+
+
+def test_vllm_backend_gets_messages_when_the_chat_template_is_used(tiny_model_dir):
+    """With the chat template, the vLLM backend is handed messages (the engine renders them and
+    encodes without special tokens, as the transformers backend does), not rendered strings, which
+    the engine would encode with special tokens again: two BOS on a tokenizer that adds one."""
+    from types import SimpleNamespace
+
+    from rayapp import evaluation as ev
+    from rayapp.models.io import load_tokenizer
+    from rayapp.teachers.pool import LocalEngine
+
+    seen = []
+
+    class Generator:
+        def generate(self, prompts, sampling):
+            seen.append(prompts)
+            return [SimpleNamespace(text="2") for _ in prompts]
+
+    rows = [{"input_text": "1 + 1 =", "label": "2"}]
+    for chat, expect_messages in (("auto", True), ("never", False)):
+        res = ev.evaluate_answers(tiny_model_dir, rows, task_type="number", backend="vllm", chat_template=chat,
+                                  generator=Generator())
+        assert res["accuracy"] == 1.0
+        (prompt,) = seen.pop()
+        assert isinstance(prompt, list) is expect_messages, prompt
+    # The ids the engine makes of those messages are the transformers backend's ids.
+    tok = load_tokenizer(str(tiny_model_dir))
+    rendered = ev.render_prompts(tok, ["1 + 1 ="])[0]
+    engine_ids = LocalEngine.encode(SimpleNamespace(tokenizer=tok), [{"role": "user", "content": "1 + 1 ="}])
+    assert engine_ids == tok(rendered, add_special_tokens=False)["input_ids"]
