@@ -253,11 +253,16 @@ def check_engine_resources(ray, engine: EngineConfig, name: str) -> None:
         return
     from rayapp.runtime import ResourceError, check_resources
 
-    # What one engine actor asks Ray for, all on one node (a tensor-parallel engine's GPUs are in
-    # their own placement group: only the actor's CPUs and custom resources are counted here).
+    # What one engine asks Ray for, all on one node (a tensor-parallel GPU engine: its whole
+    # STRICT_PACK placement group, see tensor_parallel_bundles).
     bundle: dict[str, float] = {"CPU": float(engine.cpus_per_engine), **{k: float(v) for k, v in engine.resources.items()}}
     if engine.use_gpu and engine.tensor_parallel_size == 1:
         bundle["GPU"] = 1.0
+    elif engine.use_gpu:
+        bundle = {}
+        for part in tensor_parallel_bundles(engine):
+            for key, value in part.items():
+                bundle[key] = bundle.get(key, 0.0) + value
     fields = {"CPU": "engine.cpus_per_engine", "GPU": "engine.use_gpu", **{k: f"engine.resources.{k}" for k in engine.resources}}
     try:
         check_resources(what=f"the {name} engine pool (engine.resources {dict(engine.resources)}, engine.num_engines="
@@ -272,6 +277,16 @@ def check_engine_resources(ray, engine: EngineConfig, name: str) -> None:
 
 def _to_completions(rows: list[dict]) -> list[Completion]:
     return [Completion(**row) for row in rows]
+
+
+def tensor_parallel_bundles(engine: EngineConfig) -> list[dict[str, float]]:
+    """The placement group of one tensor-parallel GPU engine: a GPU per rank, all on one node
+    (STRICT_PACK: tensor parallelism across nodes would run its all-reduces over the network).
+    Bundle 0 also holds what the engine actor itself asks for (engine.cpus_per_engine and
+    engine.resources), since an actor scheduled in a placement group must fit in one of its bundles:
+    with the custom resource in none of them it could never start."""
+    first = {"GPU": 1.0, "CPU": float(max(1, engine.cpus_per_engine)), **{k: float(v) for k, v in engine.resources.items()}}
+    return [first] + [{"GPU": 1.0, "CPU": 1.0}] * (engine.tensor_parallel_size - 1)
 
 
 class VLLMEnginePool:
@@ -303,10 +318,11 @@ class VLLMEnginePool:
                 from ray.util.placement_group import placement_group
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-                pg = placement_group([{"GPU": 1, "CPU": 1}] * engine.tensor_parallel_size)
+                pg = placement_group(tensor_parallel_bundles(engine), strategy="STRICT_PACK")
                 ray.get(pg.ready())
                 self._placement_groups.append(pg)
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
             self.actors.append(actor_cls.options(**options).remote(self.model_path, engine.model_dump(), weight_transfer))
         self._ray = ray
         self.infos = ray.get([a.info.remote() for a in self.actors])  # waits for every engine to start

@@ -150,3 +150,27 @@ def test_engine_resource_an_autoscaler_node_type_offers_is_accepted(cluster):
     _engine_check(ray, num_engines=4, resources={"inference": 1})
     with pytest.raises(ResourceError, match="engine.resources.other: no node has any other"):
         _engine_check(ray, num_engines=1, resources={"other": 1})
+
+
+def test_tensor_parallel_engine_places_its_actor_and_resources_in_one_node_group(cluster):
+    """A GPU engine with tensor_parallel_size 4 and engine.resources: its placement group is STRICT_PACK
+    (one node) and bundle 0 holds the engine actor's own CPUs and custom resource, since an actor in a
+    placement group must fit in one bundle (with the resource in none, Ray could never start it);
+    the up-front check asks for the whole group on one node."""
+    from rayapp.config.base import EngineConfig
+    from rayapp.teachers.pool import tensor_parallel_bundles
+
+    engine = EngineConfig(use_gpu=True, tensor_parallel_size=4, cpus_per_engine=2, resources={"inference": 1})
+    bundles = tensor_parallel_bundles(engine)
+    assert bundles[0] == {"GPU": 1.0, "CPU": 2.0, "inference": 1.0}
+    assert bundles[1:] == [{"GPU": 1.0, "CPU": 1.0}] * 3
+    ray = cluster(HEAD, {"CPU": 8.0, "GPU": 8.0, "inference": 1.0})
+    _engine_check(ray, num_engines=1, use_gpu=True, tensor_parallel_size=4, cpus_per_engine=2, resources={"inference": 1})
+    # Four GPUs on each of two nodes, the resource on one of them: a second engine has nowhere to go.
+    ray = cluster(HEAD, {"CPU": 8.0, "GPU": 4.0, "inference": 1.0}, {"CPU": 8.0, "GPU": 4.0})
+    with pytest.raises(ResourceError, match="engine.num_engines"):
+        _engine_check(ray, num_engines=2, use_gpu=True, tensor_parallel_size=4, resources={"inference": 1})
+    # The GPUs split across nodes (2 + 2) cannot hold a 4-way engine on one node.
+    ray = cluster(HEAD, {"CPU": 8.0, "GPU": 2.0, "inference": 1.0}, {"CPU": 8.0, "GPU": 2.0, "inference": 1.0})
+    with pytest.raises(ResourceError, match="no node of this cluster can hold one"):
+        _engine_check(ray, num_engines=1, use_gpu=True, tensor_parallel_size=4, resources={"inference": 1})
