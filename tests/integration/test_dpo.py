@@ -20,11 +20,14 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_dpo_job_raises_the_chosen_over_rejected_margin(ray_cluster, tmp_path):
-    from rayapp.training.dpo import run
+    """Through kinds.run, as `rayapp run` does, with report_to: [tensorboard] (live tracking for dpo)."""
+    from rayapp.kinds import run
+    from tests.unit.test_tracking import assert_tensorboard_holds_every_series
 
     out = tmp_path / "dpo"
-    cfg = load_job(ROOT / "jobs/dpo.yaml", [f"output_dir={out}"])
+    cfg = load_job(ROOT / "jobs/dpo.yaml", [f"output_dir={out}", "report_to=[tensorboard]"])
     summary = run(cfg)
+    assert_tensorboard_holds_every_series(out, "dpo")
     ev = json.loads((out / "eval.json").read_text())
     assert ev["initial_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
     assert ev["val_logp_margin"] > ev["initial_val_logp_margin"] + 1.0, ev

@@ -18,11 +18,13 @@ def test_reward_model_job_learns_to_prefer_correct_answers(ray_cluster, tmp_path
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rayapp.training.reward_model import run
+    from rayapp.kinds import run  # as `rayapp run` does, with live tracking for reward_model
+    from tests.unit.test_tracking import assert_tensorboard_holds_every_series
 
     out = tmp_path / "rm"
-    cfg = load_job(ROOT / "jobs/reward_model.yaml", [f"output_dir={out}"])
+    cfg = load_job(ROOT / "jobs/reward_model.yaml", [f"output_dir={out}", "report_to=[tensorboard]"])
     summary = run(cfg)
+    assert_tensorboard_holds_every_series(out, "reward_model")
     ev = json.loads((out / "eval.json").read_text())
     # 96 held-out pairs: chance is 0.5 (the untrained head's accuracy is measured too).
     assert ev["val_accuracy"] >= 0.62, ev

@@ -60,6 +60,21 @@ def tensorboard_scalars(out: Path) -> tuple[dict[str, list[tuple[int, float]]], 
     return scalars, text_event.tensor_proto.string_val[0].decode()
 
 
+def assert_tensorboard_holds_every_series(out: Path, kind: str) -> None:
+    """`report_to: [tensorboard]` at run time: every numeric series of metrics.jsonl is in the event
+    files with its steps and values, and the config text names the kind."""
+    from rayapp.data.readers import read_jsonl
+
+    scalars, config_text = tensorboard_scalars(out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    keys = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert keys, rows[:2]
+    for key in sorted(keys):
+        expect = [(r["step"], pytest.approx(r[key], rel=1e-5, abs=1e-7)) for r in rows if isinstance(r.get(key), (int, float))]
+        assert scalars.get(key) == expect, key
+    assert kind in config_text
+
+
 def mlflow_run(out: Path):
     import mlflow
     from mlflow.tracking import MlflowClient
