@@ -98,14 +98,17 @@ def _engine_matches_transformers(engine, model_dir: Path) -> None:
 
 
 def test_step_by_step_labels_unlabelled_rows_with_the_teacher_pool(ray_cluster, tuned_teacher, engine, tmp_path):
+    from rayapp import kinds
     from rayapp.training.distill.recipe import run
+    from tests.unit.test_tracking import assert_tensorboard_holds_every_series
 
     out = tmp_path / "sbs"
     cfg = load_job(ROOT / "jobs/distill_step_by_step.yaml", [
         f"output_dir={out}", f"teacher.path={tuned_teacher}", "train.max_steps=8", "student.init=from_teacher_layers",
-        "evaluation.teacher=true", *FAST])
-    summary = run(cfg)
+        "evaluation.teacher=true", "report_to=[tensorboard]", *FAST])
+    summary = kinds.run(cfg)  # as `rayapp run` does: live tracking for distill
     _assert_trained(out, "rationale_loss")
+    assert_tensorboard_holds_every_series(out, "distill")
     teacher_rows = read_jsonl(out / "teacher" / "rationales" / "output.jsonl")  # written by the kind: batch code
     inputs = read_jsonl(ROOT / "data/distill_tiny/train.jsonl")
     unlabelled = {r["input_text"] for r in inputs if "output_text" not in r}
