@@ -157,15 +157,14 @@ def evaluate_answers(model_dir: str | Path, rows: list[dict], *, task_type: str 
         raise EvaluationError("no evaluation rows: give evaluation.data a labelled file with at least one row")
     tok = load_tokenizer(str(model_dir))
     texts = [prompt_fn(r["input_text"]) for r in rows]
-    prompts = render_prompts(tok, texts, chat_template)
+    templated = use_chat_template(tok, chat_template)
     if backend == "transformers":
-        plain = not use_chat_template(tok, chat_template)  # plain text rows were tokenized with special tokens
-        completions = generate_transformers(model_dir, prompts, max_new_tokens, add_special_tokens=plain)
+        prompts = render_prompts(tok, texts, chat_template)  # plain text rows were tokenized with special tokens
+        completions = generate_transformers(model_dir, prompts, max_new_tokens, add_special_tokens=not templated)
     elif backend == "vllm":
         # Templated prompts go to the engine as messages: it renders them and encodes without adding
         # special tokens again (a rendered string would be encoded with them: two BOS on tokenizers
         # that add one and whose template starts with it, unlike the transformers backend).
-        templated = use_chat_template(tok, chat_template)
         engine_prompts = [[{"role": "user", "content": t}] if templated and isinstance(t, str) else t for t in texts]
         completions = generate_vllm(model_dir, engine_prompts, max_new_tokens, engine, generator)
     else:

@@ -441,9 +441,9 @@ def plan_engine(engine, model_ref: str, label: str, rows: int | None, sampling=N
     dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if engine.use_gpu else "float32")
     device, dev_bytes = _device(engine.use_gpu, None, 1)
 
-    def on_device(tp: int) -> tuple[Memory, float, int]:
-        """Memory of one device at tensor parallelism tp, the cache it gets, and how many sequences of
-        max_model_len that cache holds."""
+    def on_device(tp: int) -> tuple[Memory, float, int, Memory]:
+        """Memory of one device at tensor parallelism tp, the cache it gets, how many sequences of
+        max_model_len that cache holds, and what a full batch would need."""
         full, one = (engine_memory(shape, dtype, t, tp) for t in (engine.max_num_seqs * engine.max_model_len,
                                                                   engine.max_model_len))
         if engine.use_gpu:
@@ -452,19 +452,18 @@ def plan_engine(engine, model_ref: str, label: str, rows: int | None, sampling=N
         else:
             cache = engine.kv_cache_gib * GIB
             mem = Memory(weights=full.weights, kv_cache=cache)
-        return mem, cache, int(cache // max(1, one.kv_cache))
+        return mem, cache, int(cache // max(1, one.kv_cache)), full
 
-    mem, cache, seqs = on_device(tp)
+    mem, cache, seqs, full = on_device(tp)
     bundle = {"CPU": engine.cpus_per_engine, **({"GPU": float(tp)} if engine.use_gpu else {})}
     part = Part(f"{label}: vLLM engines ({model_ref}, tp={tp})", engine.num_engines, bundle, mem, device, dev_bytes)
     part.notes.append(f"parameters {_count(shape.params)}, {dtype}; KV cache {shape.kv_bytes_per_token(DTYPE_BYTES[dtype])} "
-                      f"B/token; full batch {engine.max_num_seqs} x {engine.max_model_len} tokens needs "
-                      f"{_gib(engine_memory(shape, dtype, engine.max_num_seqs * engine.max_model_len, tp).kv_cache)}")
+                      f"B/token; full batch {engine.max_num_seqs} x {engine.max_model_len} tokens needs {_gib(full.kv_cache)}")
     part.notes.append(f"cache holds {_gib(cache)}: about {seqs} sequence(s) of max_model_len at once")
     if seqs < 1 or (not part.fits):
         # the smallest larger tensor parallelism (powers of two, up to one 8-GPU node) that fits, with its estimate
         for more in (t for t in (2, 4, 8) if t > tp and engine.use_gpu):
-            alt, alt_cache, alt_seqs = on_device(more)
+            alt, _, alt_seqs, _ = on_device(more)
             if alt_seqs >= 1 and alt.total <= USABLE_FRACTION * dev_bytes:
                 part.suggestions.append(f"engine.tensor_parallel_size: {more}: {_gib(alt.total)} per device "
                                         f"(weights {_gib(alt.weights)}), cache for about {alt_seqs} sequence(s) - fits")

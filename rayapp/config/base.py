@@ -27,21 +27,31 @@ def is_loopback(host: str) -> bool:
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that refuses unknown keys."""
+    """A pydantic model that refuses unknown keys, and whose sections given in part keep the
+    values their field's default presets (see :func:`keep_section_defaults`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="after")
+    def _keep_section_defaults(self):
+        return keep_section_defaults(self)
 
-def keep_section_defaults(model: BaseModel, *names: str) -> BaseModel:
+
+def keep_section_defaults(model: BaseModel) -> BaseModel:
     """A section given in part (``teacher: {sampling: {max_tokens: 24}}``, or the override
     ``teacher.sampling.max_tokens=24``) replaces its field's default_factory whole, so the fields
     it leaves out would take the section class's defaults (SamplingConfig: temperature 0.7) instead
-    of the values that factory sets (greedy, for a teacher). Put those values back, for each field
-    in ``names``; for a model_validator(mode="after")."""
-    for name in names:
-        preset = type(model).model_fields[name].default_factory().model_dump(exclude_unset=True)
+    of the values that factory sets (greedy, for a teacher; GRPO's n: 4; max_model_len 512 ...).
+    Put those values back, for every field whose default_factory builds a section with values set."""
+    for name, field in type(model).model_fields.items():
         section = getattr(model, name)
-        missing = {k: v for k, v in preset.items() if k not in section.model_fields_set}
+        if field.default_factory is None or not isinstance(section, BaseModel):
+            continue
+        preset = field.default_factory()
+        if not isinstance(preset, BaseModel) or not preset.model_fields_set:
+            continue
+        values = preset.model_dump(exclude_unset=True)
+        missing = {k: v for k, v in values.items() if k not in section.model_fields_set}
         if missing:
             setattr(model, name, section.model_copy(update=missing))
     return model

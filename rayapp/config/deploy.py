@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from rayapp.config.base import DeployConfig, StrictModel, keep_section_defaults
+from rayapp.config.base import DeployConfig, StrictModel
 
 
 class DeployJobConfig(StrictModel):
@@ -31,7 +31,3 @@ class DeployJobConfig(StrictModel):
         default_factory=lambda: DeployConfig(enabled=True),
         description="Endpoint settings: host, port, replicas, API key, context length, devices.",
     )
-
-    @model_validator(mode="after")
-    def _deploy_defaults(self):
-        return keep_section_defaults(self, "deploy")  # a `deploy:` block given in part is still enabled

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskType, keep_section_defaults
+from rayapp.config.base import EngineConfig, SamplingConfig, StrictModel, TaskType
 from rayapp.config.batch import RationalesConfig, check_rationale_sampling
 from rayapp.config.training import TrainingJobConfig
 
@@ -35,12 +35,6 @@ class TeacherConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=128), description="Sampling of teacher rationales / responses.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Prompt template, parsing and gold-label filtering of teacher rationales (step_by_step); rationales.task_type is the job's task_type.")
     chat: Literal["auto", "always", "never"] = Field("auto", description="Send questions to the teacher as a user message through its chat template ('auto': when the teacher has one), as kind: batch does.")
-
-    @model_validator(mode="after")
-    def _keep_teacher_defaults(self):
-        """engine/sampling given in part keep the teacher's max_model_len 512 and greedy 128-token
-        sampling (a `teacher.sampling.max_tokens=24` override sampled at temperature 0.7)."""
-        return keep_section_defaults(self, "engine", "sampling")
 
 
 class StepByStepConfig(StrictModel):
@@ -107,10 +101,6 @@ class OnPolicyConfig(StrictModel):
     weight_sync: Literal["auto", "shm", "nccl"] = Field("auto", description="How the student's new weights reach its engines after every iteration (as rl.weight_sync of kind: rlhf).")
     sync_bucket_mib: int = Field(256, gt=0, description="Weight sync bucket size in MiB.")
     eval_examples: int = Field(64, ge=0, description="Held-out rows (evaluation.data) the student's engines answer greedily before training and every train.eval_every iterations: val_answer_accuracy in metrics.jsonl (0: off).")
-
-    @model_validator(mode="after")
-    def _engine_defaults(self):
-        return keep_section_defaults(self, "engine")  # an engine given in part keeps max_model_len 256, max_num_seqs 64
 
 
 class DistillEvalConfig(StrictModel):

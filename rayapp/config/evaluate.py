@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import EngineConfig, StrictModel, TaskType, keep_section_defaults
+from rayapp.config.base import EngineConfig, StrictModel, TaskType
 
 
 class EvalModelConfig(StrictModel):
@@ -65,7 +65,6 @@ class EvaluateJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        keep_section_defaults(self, "engine")  # an engine given in part keeps max_model_len 512
         names = [m.name for m in self.models]
         if not names:
             raise ValueError("models: give at least one model to evaluate")

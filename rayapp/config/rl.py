@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rayapp.config.base import DataConfig, EngineConfig, SamplingConfig, StrictModel, keep_section_defaults
+from rayapp.config.base import DataConfig, EngineConfig, SamplingConfig, StrictModel
 from rayapp.config.training import TrainingJobConfig
 
 
@@ -107,12 +107,10 @@ class RLHFJobConfig(TrainingJobConfig):
 
     @model_validator(mode="after")
     def _rl_defaults(self):
-        """RL's own defaults where the user's block leaves a field out (a given ``sampling:`` or
-        ``engine:`` block replaces the default_factory above whole): sampling at temperature 1.0,
-        the policy's own distribution, not the base default 0.7; engines that return the log-probs
-        of the distribution they sampled from (after temperature, top-k, top-p), which truncated
-        importance sampling and mismatch_kl compare with the trainer's."""
-        keep_section_defaults(self, "engine", "sampling")  # temperature 1.0, n 4, max_tokens 64, max_model_len 256 ...
+        """Engines that return the log-probs of the distribution they sampled from (after
+        temperature, top-k, top-p), which truncated importance sampling and mismatch_kl compare
+        with the trainer's, unless the user's engine block says otherwise. (A ``sampling:`` block
+        given in part keeps the presets above, temperature 1.0 among them: StrictModel.)"""
         if "logprobs_mode" not in self.engine.model_fields_set:
             self.engine = self.engine.model_copy(update={"logprobs_mode": "processed"})
         return self
