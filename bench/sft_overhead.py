@@ -9,7 +9,7 @@ including start-up is reported separately.
 
     .venv/bin/python bench/sft_overhead.py [--model smollm2-135m-instruct] [--steps 12]
 
-Writes bench/results/sft_overhead.json with {"ratio": recipe / plain tokens/s, "target": 0.9}.
+Writes bench/results/sft_overhead.json with {"ratio": recipe / plain tokens/s, "target": 0.95}.
 """
 
 from __future__ import annotations
@@ -113,11 +113,11 @@ def main() -> None:
     print(f"\n{'':24}{'tokens/s':>12}{'wall s':>10}{'final loss':>12}")
     for name, r in (("plain PyTorch loop", plain), ("Ray Train recipe (1 wkr)", ray_recipe)):
         print(f"{name:24}{r['tokens_per_s']:>12.1f}{r['wall_s']:>10.1f}{r['final_loss']:>12.4f}")
-    print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.9)")
+    print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.95)")
     result = {
         "name": "sft_overhead", "model": args.model, "steps": args.steps, "micro_batch": args.micro, "accum": args.accum,
         "max_seq_len": args.max_seq_len, "cores": os.cpu_count(), "plain": plain, "recipe": ray_recipe,
-        "ratio": ratio, "target": 0.9,
+        "ratio": ratio, "target": 0.95,
     }
     out = ROOT / "bench" / "results" / "sft_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,12 @@ real rationales are. Same model (packaged SmolLM2-135M-Instruct), float32, same 
     all prompts in one call (continuous batching). Engine start-up is reported, not timed.
 (c) the ``kind: batch`` rationale job over ``--batch-rows`` rows: rows/s end to end
     (engine start included) and after the first committed part.
+(d) against Ray's own batch LLM path: ``kind: batch, task: generate`` and a ``ray.data.llm``
+    vLLM processor (chat-template, tokenize, engine and detokenize stages) on the same
+    ``--vs-rows`` questions, each through the chat template, with the same engine settings (one
+    CPU engine, float32, eager, max_model_len 1024, max_num_seqs 64, the same KV cache and
+    thread binding, batches of 32) and sampling (T=0.7, top-p 0.95, ``--max-tokens``): rows/s end
+    to end, engine start included, outputs on disk. Reported as ``vs_ray_data_llm`` (target 1.0x).
 
 Prints a table and writes bench/results/teacher_throughput.json with {"ratio", "target"}.
 
@@ -129,6 +135,70 @@ def bench_batch_job(rows: int) -> dict:
             "rows_per_s_end_to_end": summary["rows_in"] / seconds, "rows_per_s_after_first_part": steady}
 
 
+VS_ENGINE = {"max_model_len": 1024, "max_num_seqs": 64, "kv_cache_gib": 1, "cpus_per_engine": 1, "cpu_threads_bind": "all"}
+VS_BATCH = 32
+
+
+def vs_rows(n: int, out: Path) -> Path:
+    """The first n reasoning and CommonsenseQA questions, alternating, as a batch input file."""
+    rows = [{"id": f"q{i}", "input_text": q} for i, (_, q) in enumerate(load_questions(n))]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def bench_rayapp_generate(input_path: Path, max_tokens: int, out_dir: Path) -> dict:
+    from rayapp.config import load_job
+
+    cfg = load_job(ROOT / "jobs/batch_infer.yaml", [
+        f"input={input_path}", f"output_dir={out_dir}", "concurrency=[1,1]", f"batch_size={VS_BATCH}",
+        "rows_per_shard=64", "chat=always", f"engine={json.dumps(VS_ENGINE)}",
+        f"sampling={json.dumps({'temperature': 0.7, 'top_p': 0.95, 'max_tokens': max_tokens})}",
+    ])
+    from rayapp.teachers.batch import run
+
+    started = time.perf_counter()
+    summary = run(cfg)
+    seconds = time.perf_counter() - started
+    out = read_jsonl(out_dir / "output.jsonl")
+    return {"rows": summary["rows_in"], "written": len(out), "seconds": seconds, "rows_per_s": summary["rows_in"] / seconds}
+
+
+def bench_ray_data_llm(input_path: Path, max_tokens: int, out_dir: Path) -> dict:
+    """Ray's ray.data.llm processor with the engine settings of bench_rayapp_generate."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from rayapp.config.base import EngineConfig
+    from rayapp.models.io import resolve_model
+    from rayapp.teachers.pool import engine_env
+
+    engine = EngineConfig(**VS_ENGINE)
+    env = engine_env(engine)
+    # engine_env resolves `all` in the engine's own process; here every process is on this machine.
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    config = vLLMEngineProcessorConfig(
+        model_source=str(resolve_model(MODEL)),
+        engine_kwargs={"dtype": engine.dtype, "enforce_eager": engine.enforce_eager, "max_model_len": engine.max_model_len,
+                       "max_num_seqs": engine.max_num_seqs, "seed": engine.seed, "gpu_memory_utilization": 0.3},
+        batch_size=VS_BATCH, concurrency=1,
+        placement_group_config={"bundles": [{"CPU": engine.cpus_per_engine}]},
+        runtime_env={"env_vars": env},
+        chat_template_stage=True, tokenize_stage=True, detokenize_stage=True,
+    )
+    processor = build_processor(
+        config,
+        preprocess=lambda r: {"id": r["id"], "messages": [{"role": "user", "content": r["input_text"]}],
+                              "sampling_params": {"temperature": 0.7, "top_p": 0.95, "max_tokens": max_tokens}},
+        postprocess=lambda r: {"id": r["id"], "output_text": r["generated_text"], "num_generated_tokens": r["num_generated_tokens"]},
+    )
+    started = time.perf_counter()
+    processor(ray.data.read_json(str(input_path))).write_json(str(out_dir))
+    seconds = time.perf_counter() - started
+    written = sum(len(read_jsonl(p)) for p in out_dir.glob("*.json"))
+    n = len(read_jsonl(input_path))
+    return {"rows": n, "written": written, "seconds": seconds, "rows_per_s": n / seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=200)
@@ -136,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--batch-rows", type=int, default=96)
+    ap.add_argument("--vs-rows", type=int, default=160, help="rows for rayapp's batch path vs ray.data.llm (0 skips it)")
+    ap.add_argument("--only-vs-ray-data-llm", action="store_true", help="run part (d) alone and update its entry in --out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-threads-bind", nargs="+", default=["auto", "all"],
                     help="engine.cpu_threads_bind values to run the vLLM pool with, one after another")
@@ -146,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     from rayapp.runtime import ensure_ray
     from rayapp.teachers.templates import get_template
 
+    if args.only_vs_ray_data_llm:
+        ensure_ray()
+        vs = bench_vs_ray_data_llm(args.vs_rows, args.max_tokens)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["vs_ray_data_llm"] = vs
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+        return 0
     tok = load_tokenizer(MODEL)
     prompts = [tok.apply_chat_template(get_template(task).messages(q), add_generation_prompt=True, tokenize=False)
                for task, q in load_questions(args.prompts)]
@@ -160,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     hf = bench_transformers(prompts, args.max_tokens, args.hf_batch, args.seed)
     print(f"transformers: {hf['tokens']} tokens in {hf['seconds']:.1f}s = {hf['tokens_per_s']:.1f} tok/s", flush=True)
     job = bench_batch_job(args.batch_rows) if args.batch_rows else None
+    vs = bench_vs_ray_data_llm(args.vs_rows, args.max_tokens) if args.vs_rows else None
     ratio = vllm["tokens_per_s"] / hf["tokens_per_s"]
 
     def spread(lengths):
@@ -186,11 +268,29 @@ def main(argv: list[str] | None = None) -> int:
         "vllm": {k: round(v, 3) for k, v in vllm.items() if k != "lengths"} | {"engines": args.engines, "cpu_threads_bind": best},
         "vllm_by_cpu_threads_bind": {b: {k: round(v, 3) for k, v in p.items() if k != "lengths"} for b, p in pools.items()},
         "batch_job": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in job.items()} if job else None,
+        "vs_ray_data_llm": vs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def bench_vs_ray_data_llm(rows: int, max_tokens: int) -> dict:
+    """Part (d): rayapp's batch path and ray.data.llm, one after the other, with a table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = vs_rows(rows, Path(tmp) / "questions.jsonl")
+        ours = bench_rayapp_generate(path, max_tokens, Path(tmp) / "rayapp")
+        theirs = bench_ray_data_llm(path, max_tokens, Path(tmp) / "ray_data_llm")
+    ratio = ours["rows_per_s"] / theirs["rows_per_s"]
+    print(f"\n{rows} questions through the chat template, T=0.7 top-p 0.95, max {max_tokens} new tokens, one CPU engine")
+    print(f"{'batch path':<36}{'rows':>6}{'written':>9}{'seconds':>9}{'rows/s':>8}")
+    for label, r in (("rayapp kind: batch, task: generate", ours), ("ray.data.llm vLLM processor", theirs)):
+        print(f"{label:<36}{r['rows']:>6}{r['written']:>9}{r['seconds']:>9.1f}{r['rows_per_s']:>8.3f}")
+    print(f"ratio rayapp / ray.data.llm rows/s end to end: {ratio:.2f}x (target 1.0x)")
+    round3 = lambda d: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
+    return {"ratio": round(ratio, 3), "target": 1.0, "rows": rows, "max_tokens": max_tokens, "engine": VS_ENGINE,
+            "batch_size": VS_BATCH, "rayapp": round3(ours), "ray_data_llm": round3(theirs)}
 
 
 if __name__ == "__main__":
