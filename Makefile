@@ -43,7 +43,9 @@ lint: setup
 	$(BIN)/ruff check rayapp tests bench
 
 bench: setup bench-trl-env
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	failed=; for b in bench/*.py; do $(BIN)/python $$b || failed="$$failed $$b"; done; \
+	$(BIN)/python scripts/bench_table.py > /dev/null; \
+	if [ -n "$$failed" ]; then echo "make bench: these exited non-zero (a missed target or an error; see their output):$$failed"; exit 1; fi
 
 # bench/vs_trl.py runs TRL beside rayapp. TRL is no rayapp dependency: it goes into bench/.trl
 # (gitignored), which only that bench puts on sys.path, never into .venv. --no-deps: what it needs

@@ -28,7 +28,7 @@ OpenMP threads then stop spinning against the other jobs (here 20x faster: 400 s
 
 Prints the accuracy table and the time split, and writes bench/results/rl_iteration.json with
 ``ratio`` = mean over seeds of held-out accuracy after RL / before (``target`` 1.5),
-``sync_share`` = weight-sync seconds / iteration seconds (goal <= 0.05) and the sync phases.
+``sync_share`` = weight-sync seconds / iteration seconds (goal <= 0.02, the performance issue's) and the sync phases.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main() -> None:
         "accuracy_after_per_seed": dict(zip(args.seeds, after, strict=True)),
         "accuracy_curve_per_seed": curves,
         "sync_share": split["sync"] / split["iteration"],
-        "sync_share_goal": 0.05,
+        "sync_share_goal": 0.02,
         "algorithm": "grpo",
         "iterations": args.iterations,
         "reward_first": summary.get("reward_first"),
@@ -208,7 +208,7 @@ def main() -> None:
     }
     print(f"\nheld-out accuracy before {acc_before:.3f} -> after {acc_after:.3f} (per seed {after}): ratio {result['ratio']:.2f} (target 1.5)")
     print("mean time split of an iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()))
-    print(f"sync share {result['sync_share']:.3f} (goal <= 0.05); mismatch KL per token in RL {result['mismatch_kl_per_iteration_mean']:.2e}")
+    print(f"sync share {result['sync_share']:.3f} (goal <= 0.02); mismatch KL per token in RL {result['mismatch_kl_per_iteration_mean']:.2e}")
     if mis:
         print(f"T=0.7 samples: KL(engine || trainer) {mis['mismatch_kl_trainer_at_sampling_temperature']:.2e} scored at T=0.7 (now) vs "
               f"{mis['mismatch_kl_trainer_at_1']:.2e} at T=1 (before the fix), {mis['tokens']} tokens")

@@ -5,7 +5,9 @@ number of optimizer steps. The plain loop is what a user would write by hand
 (`model(..., labels=...).loss.backward()`); the recipe is `rayapp.training.sft.run` with one
 Ray Train worker. Throughput is supervised tokens per second over the steady-state steps
 (the first step, with its warm-up allocations, is excluded on both sides); wall time
-including start-up is reported separately.
+including start-up is reported separately. The recipe also runs in process (launch's no-Ray
+mode: the same worker function and loop) and the CPU share of every process over the Ray run's
+steady-state steps is printed: together they split the gap into the recipe's code and Ray's.
 
     .venv/bin/python bench/sft_overhead.py [--model smollm2-135m-instruct] [--steps 12]
 
@@ -59,7 +61,60 @@ def plain_loop(model_dir: str, examples: list, pad_id: int, steps: int, micro: i
     return {"tokens_per_s": statistics.mean(rates[1:]), "wall_s": time.perf_counter() - t_all, "final_loss": float(loss) * accum}
 
 
-def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, lr: float, max_seq_len: int) -> dict:
+def cpu_ticks() -> dict[str, int]:
+    """CPU time (clock ticks, user + system) of every process, by name: Ray's processes by their
+    ``ray::`` title or executable (raylet, gcs_server, dashboard agent ...)."""
+    out: dict[str, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        name = cmd if cmd.startswith("ray::") else Path(cmd).name or raw[raw.index("(") + 1 : raw.rindex(")")]
+        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+    return out
+
+
+class SteadyStateProfile:
+    """Who uses the CPUs while the recipe trains: /proc snapshots when metrics.jsonl has its second
+    row and when it has its last but one (the steady-state steps, start-up and export left out)."""
+
+    def __init__(self, metrics: Path, steps: int):
+        import threading
+
+        self.metrics, self.steps, self.snaps = metrics, steps, []
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _rows(self) -> int:
+        try:
+            return len(self.metrics.read_text().splitlines())
+        except OSError:
+            return 0
+
+    def _watch(self) -> None:
+        for want in (2, self.steps - 1):
+            while self._rows() < want:
+                time.sleep(0.2)
+            self.snaps.append((time.perf_counter(), cpu_ticks()))
+
+    def shares(self) -> dict[str, float] | None:
+        """Share of the machine's CPU time by process name, over the window (None if it never closed)."""
+        if len(self.snaps) < 2:
+            return None
+        (t0, a), (t1, b) = self.snaps
+        total = (t1 - t0) * (os.cpu_count() or 1) * os.sysconf("SC_CLK_TCK")
+        used = {k: (v - a.get(k, 0)) / total for k, v in b.items() if v - a.get(k, 0) > 0}
+        return dict(sorted(used.items(), key=lambda kv: -kv[1]))
+
+
+def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, lr: float, max_seq_len: int,
+           in_process: bool = False) -> dict:
+    """The sft recipe: through Ray Train (one worker), or ``in_process`` (rayapp.training.launch's
+    no-Ray mode: the same worker function and loop in this process), which separates what the
+    recipe's code costs from what running under Ray costs."""
     from rayapp.config import load_job_dict
     from rayapp.training.sft import run
 
@@ -80,10 +135,23 @@ def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, 
         }
     )
     t0 = time.perf_counter()
-    run(cfg)
+    profile = SteadyStateProfile(out / "metrics.jsonl", steps)
+    if in_process:
+        from rayapp.data.sft import load_sft_dataset
+        from rayapp.models.io import load_tokenizer, resolve_model
+        from rayapp.training.launch import launch
+        from rayapp.training.outputs import prepare_output
+        from rayapp.training.sft import sft_worker
+
+        model_dir = str(resolve_model(model_ref))
+        ds = load_sft_dataset(train_path, load_tokenizer(model_dir), cfg.data, max_seq_len)
+        launch(sft_worker, cfg, in_process=True, store=prepare_output(cfg), model_dir=model_dir, train=ds.examples, val=None)
+    else:
+        run(cfg)
     wall = time.perf_counter() - t0
     rows = read_jsonl(out / "metrics.jsonl")
-    return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"]}
+    return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"],
+            "cpu_share_by_process": {k: round(v, 4) for k, v in list((profile.shares() or {}).items())[:8]}}
 
 
 def main() -> None:
@@ -107,16 +175,21 @@ def main() -> None:
 
     print(f"model {args.model}, {len(ds.examples)} examples, {args.steps} steps of {args.micro}x{args.accum}, {os.cpu_count()} cores", flush=True)
     plain = plain_loop(model_dir, ds.examples, tok.pad_token_id, args.steps, args.micro, args.accum, lr)
+    local = recipe(args.model, args.data, args.steps, args.micro, args.accum, lr, args.max_seq_len, in_process=True)
     ray_recipe = recipe(args.model, args.data, args.steps, args.micro, args.accum, lr, args.max_seq_len)
     ratio = ray_recipe["tokens_per_s"] / plain["tokens_per_s"]
 
-    print(f"\n{'':24}{'tokens/s':>12}{'wall s':>10}{'final loss':>12}")
-    for name, r in (("plain PyTorch loop", plain), ("Ray Train recipe (1 wkr)", ray_recipe)):
-        print(f"{name:24}{r['tokens_per_s']:>12.1f}{r['wall_s']:>10.1f}{r['final_loss']:>12.4f}")
-    print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.95)")
+    print(f"\n{'':30}{'tokens/s':>10}{'wall s':>9}{'final loss':>12}{'/ plain':>9}")
+    for name, r in (("plain PyTorch loop", plain), ("recipe in process (no Ray)", local), ("Ray Train recipe (1 worker)", ray_recipe)):
+        print(f"{name:30}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['final_loss']:>12.4f}{r['tokens_per_s'] / plain['tokens_per_s']:>9.3f}")
+    print("\nCPU share of the machine by process over the Ray Train recipe's steady-state steps:")
+    for name, share in ray_recipe["cpu_share_by_process"].items():
+        print(f"  {share:6.1%}  {name[:70]}")
+    print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.95); in process {local['tokens_per_s'] / plain['tokens_per_s']:.3f}")
     result = {
         "name": "sft_overhead", "model": args.model, "steps": args.steps, "micro_batch": args.micro, "accum": args.accum,
-        "max_seq_len": args.max_seq_len, "cores": os.cpu_count(), "plain": plain, "recipe": ray_recipe,
+        "max_seq_len": args.max_seq_len, "cores": os.cpu_count(), "plain": plain, "recipe": ray_recipe, "recipe_in_process": local,
+        "recipe_in_process_ratio": local["tokens_per_s"] / plain["tokens_per_s"],
         "ratio": ratio, "target": 0.95,
     }
     out = ROOT / "bench" / "results" / "sft_overhead.json"
