@@ -43,7 +43,7 @@ lint: setup
 	$(BIN)/ruff check rayapp tests bench
 
 bench: setup bench-trl-env
-	failed=; for b in bench/*.py; do $(BIN)/python $$b || failed="$$failed $$b"; done; \
+	failed=; for b in bench/[!_]*.py; do $(BIN)/python $$b || failed="$$failed $$b"; done; \
 	$(BIN)/python scripts/bench_table.py > /dev/null; \
 	if [ -n "$$failed" ]; then echo "make bench: these exited non-zero (a missed target or an error; see their output):$$failed"; exit 1; fi
 

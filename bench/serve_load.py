@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _procstat import print_shares, shares, snapshot  # noqa: E402
 
 TOPICS = ["the ocean", "a small robot", "bread baking", "the moon landing", "autumn leaves", "prime numbers",
           "a busy market", "mountain weather", "old libraries", "learning to swim", "city trains", "honey bees"]
@@ -172,14 +175,19 @@ def main() -> int:
         t0 = time.time()
         info = deploy_model(model_dir, {}, deploy, name)
         serve_start_s = time.time() - t0
+        before = snapshot()
         serve_result = asyncio.run(load_serve(info.url, key, name, prompts, args.clients, args.max_tokens))
+        serve_cpu = shares(before, snapshot())
         serve.delete(name)  # free the cores before the direct run
 
         engine_kwargs = dict(build_llm_config(model_dir, name, deploy).engine_kwargs)
         engine_kwargs.pop("tensor_parallel_size", None)
         t0 = time.time()
         actor = direct_engine_actor(ray, model_dir, engine_kwargs, deploy.kv_cache_gib)
+        ray.get(actor.__ray_ready__.remote())  # the engine is built in __init__: not in the window below
+        warm = snapshot()
         direct_result = ray.get(actor.run.remote(prompts, args.clients, args.max_tokens))
+        direct_cpu = shares(warm, snapshot())
         direct_start_s = time.time() - t0 - direct_result["wall_s"]
         ray.kill(actor)
     finally:
@@ -199,12 +207,15 @@ def main() -> int:
         "serve": serve_result, "direct": direct_result,
         "startup_s": {"serve_deploy": round(serve_start_s, 1), "direct_engine": round(direct_start_s, 1)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "cpu_share_by_process": {"serve": serve_cpu, "direct": direct_cpu},
         "met": ratio >= 0.95 and serve_result["errors"] == 0,
     }
     print(f"{'':8} {'req/s':>8} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'errors':>6}")
     for label, r in (("serve", serve_result), ("direct", direct_result)):
         print(f"{label:8} {r['requests_per_s']:8.2f} {r['tokens_per_s']:8.1f} {r['latency_p50_s']:7.2f} "
               f"{r['latency_p95_s']:7.2f} {r['latency_p99_s']:7.2f} {r['errors']:6d}")
+    print_shares("\nCPU by process while Serve was under load", serve_cpu)
+    print_shares("CPU by process during the direct run", direct_cpu)
     print(f"ratio serve/direct tokens/s: {ratio:.3f} (target 0.95); errors {serve_result['errors']} (target 0)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

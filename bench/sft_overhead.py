@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _procstat import print_shares, shares, snapshot  # noqa: E402
 
 from rayapp.data.readers import read_jsonl  # noqa: E402
 
@@ -61,22 +64,6 @@ def plain_loop(model_dir: str, examples: list, pad_id: int, steps: int, micro: i
     return {"tokens_per_s": statistics.mean(rates[1:]), "wall_s": time.perf_counter() - t_all, "final_loss": float(loss) * accum}
 
 
-def cpu_ticks() -> dict[str, int]:
-    """CPU time (clock ticks, user + system) of every process, by name: Ray's processes by their
-    ``ray::`` title or executable (raylet, gcs_server, dashboard agent ...)."""
-    out: dict[str, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        name = cmd if cmd.startswith("ray::") else Path(cmd).name or raw[raw.index("(") + 1 : raw.rindex(")")]
-        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
-    return out
-
-
 class SteadyStateProfile:
     """Who uses the CPUs while the recipe trains: /proc snapshots when metrics.jsonl has its second
     row and when it has its last but one (the steady-state steps, start-up and export left out)."""
@@ -98,16 +85,11 @@ class SteadyStateProfile:
         for want in (2, self.steps - 1):
             while self._rows() < want:
                 time.sleep(0.2)
-            self.snaps.append((time.perf_counter(), cpu_ticks()))
+            self.snaps.append(snapshot())
 
     def shares(self) -> dict[str, float] | None:
         """Share of the machine's CPU time by process name, over the window (None if it never closed)."""
-        if len(self.snaps) < 2:
-            return None
-        (t0, a), (t1, b) = self.snaps
-        total = (t1 - t0) * (os.cpu_count() or 1) * os.sysconf("SC_CLK_TCK")
-        used = {k: (v - a.get(k, 0)) / total for k, v in b.items() if v - a.get(k, 0) > 0}
-        return dict(sorted(used.items(), key=lambda kv: -kv[1]))
+        return shares(*self.snaps) if len(self.snaps) == 2 else None
 
 
 def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, lr: float, max_seq_len: int,
@@ -151,7 +133,7 @@ def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, 
     wall = time.perf_counter() - t0
     rows = read_jsonl(out / "metrics.jsonl")
     return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"],
-            "cpu_share_by_process": {k: round(v, 4) for k, v in list((profile.shares() or {}).items())[:8]}}
+            "cpu_share_by_process": profile.shares() or {}}
 
 
 def main() -> None:
@@ -182,9 +164,8 @@ def main() -> None:
     print(f"\n{'':30}{'tokens/s':>10}{'wall s':>9}{'final loss':>12}{'/ plain':>9}")
     for name, r in (("plain PyTorch loop", plain), ("recipe in process (no Ray)", local), ("Ray Train recipe (1 worker)", ray_recipe)):
         print(f"{name:30}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['final_loss']:>12.4f}{r['tokens_per_s'] / plain['tokens_per_s']:>9.3f}")
-    print("\nCPU share of the machine by process over the Ray Train recipe's steady-state steps:")
-    for name, share in ray_recipe["cpu_share_by_process"].items():
-        print(f"  {share:6.1%}  {name[:70]}")
+    print()
+    print_shares("CPU by process over the Ray Train recipe's steady-state steps", ray_recipe["cpu_share_by_process"])
     print(f"\nratio recipe/plain: {ratio:.3f} (target >= 0.95); in process {local['tokens_per_s'] / plain['tokens_per_s']:.3f}")
     result = {
         "name": "sft_overhead", "model": args.model, "steps": args.steps, "micro_batch": args.micro, "accum": args.accum,
