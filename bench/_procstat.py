@@ -20,7 +20,8 @@ def cpu_ticks() -> dict[str, int]:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()
         comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        name = cmd if cmd.startswith(("ray::", "VLLM::")) else Path(cmd).name or comm
+        # A Ray worker's title names the method it runs (ray::RayTrainWorker.run_train_fn): by class.
+        name = cmd.split(".")[0] if cmd.startswith(("ray::", "VLLM::")) else Path(cmd).name or comm
         if name.startswith("python"):
             name = " ".join(Path(a).name for a in (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")[:2])
         out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])

@@ -64,32 +64,32 @@ def plain_loop(model_dir: str, examples: list, pad_id: int, steps: int, micro: i
     return {"tokens_per_s": statistics.mean(rates[1:]), "wall_s": time.perf_counter() - t_all, "final_loss": float(loss) * accum}
 
 
-class SteadyStateProfile:
-    """Who uses the CPUs while the recipe trains: /proc snapshots when metrics.jsonl has its second
-    row and when it has its last but one (the steady-state steps, start-up and export left out)."""
+class TrainingProfile:
+    """Who uses the CPUs while the recipe trains: a /proc snapshot every second (a thread), and the
+    shares over the seconds in which the training process computes (it uses at least half a core:
+    the steps, not Ray's start-up or the export). The training process is Ray Train's worker, or
+    this process in process. (metrics.jsonl cannot time the window: through Ray Train it reaches
+    output_dir at checkpoints.)"""
 
-    def __init__(self, metrics: Path, steps: int):
+    def __init__(self, trainer: str):
         import threading
 
-        self.metrics, self.steps, self.snaps = metrics, steps, []
+        self.trainer, self.snaps, self.stop = trainer, [], threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
-    def _rows(self) -> int:
-        try:
-            return len(self.metrics.read_text().splitlines())
-        except OSError:
-            return 0
-
     def _watch(self) -> None:
-        for want in (2, self.steps - 1):
-            while self._rows() < want:
-                time.sleep(0.2)
+        while not self.stop.wait(1.0):
             self.snaps.append(snapshot())
 
-    def shares(self) -> dict[str, float] | None:
-        """Share of the machine's CPU time by process name, over the window (None if it never closed)."""
-        return shares(*self.snaps) if len(self.snaps) == 2 else None
+    def shares(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = [i for i in range(1, len(self.snaps))
+                if (self.snaps[i][1].get(self.trainer, 0) - self.snaps[i - 1][1].get(self.trainer, 0))
+                >= 0.5 * tick * (self.snaps[i][0] - self.snaps[i - 1][0])]
+        return shares(self.snaps[busy[0] - 1], self.snaps[busy[-1]]) if busy else {}
 
 
 def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, lr: float, max_seq_len: int,
@@ -117,7 +117,7 @@ def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, 
         }
     )
     t0 = time.perf_counter()
-    profile = SteadyStateProfile(out / "metrics.jsonl", steps)
+    profile = TrainingProfile("python sft_overhead.py" if in_process else "ray::RayTrainWorker")
     if in_process:
         from rayapp.data.sft import load_sft_dataset
         from rayapp.models.io import load_tokenizer, resolve_model
@@ -133,7 +133,7 @@ def recipe(model_ref: str, train_path: str, steps: int, micro: int, accum: int, 
     wall = time.perf_counter() - t0
     rows = read_jsonl(out / "metrics.jsonl")
     return {"tokens_per_s": statistics.mean(r["units_per_s"] for r in rows[1:]), "wall_s": wall, "final_loss": rows[-1]["loss"],
-            "cpu_share_by_process": profile.shares() or {}}
+            "cpu_share_by_process": profile.shares()}
 
 
 def main() -> None:

@@ -55,9 +55,9 @@ def second_pairs(name: str, d: dict) -> list[str]:
     return out
 
 
-def rows() -> list[str]:
+def rows(results: Path = ROOT / "bench" / "results") -> list[str]:
     lines = ["| bench | headline ratio | measured | target | met | also measured |", "| --- | --- | --- | --- | --- | --- |"]
-    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+    for path in sorted(results.glob("*.json")):
         d = json.loads(path.read_text())
         if "ratio" not in d or "target" not in d:
             continue
