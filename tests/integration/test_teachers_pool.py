@@ -180,4 +180,3 @@ def test_kind_evaluate_vllm_backend_answers_as_transformers_does(pool, tiny_mode
     assert results["vllm"]["backend"] == "vllm"
     assert results["vllm"]["correct"] == len(rows), [(s["gold"], s["completion"]) for s in results["vllm"]["samples"]]
     assert results["vllm"]["accuracy"] == results["transformers"]["accuracy"] == 1.0
-
