@@ -49,6 +49,14 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return logits[:, :-1, :], labels[:, 1:]
 
 
+def _shift_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with unshifted logits: position t holds token t+1, the last IGNORE.  -> (B, T)"""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens, and how many there are.
 
@@ -56,8 +64,10 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     padding). With the causal shift, nll = -sum_{b, t: y_{b,t+1} != -100} log softmax(z_{b,t})[y_{b,t+1}].
     Computed in float32 for stability. Returns (loss_sum () float, n_tokens () long).
     """
-    z, y = _shift(logits, labels)                                   # (B, T-1, V), (B, T-1)
-    loss_sum = F.cross_entropy(z.float().reshape(-1, z.size(-1)), y.reshape(-1),
+    # The labels move one step left (IGNORE at the end) instead of the logits one step right: the
+    # logits stay contiguous, so no (B, T-1, V) copy is made in forward nor in backward.
+    y = _shift_labels(logits, labels)                               # (B, T)
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     n_tokens = (y != IGNORE_INDEX).sum()
     return loss_sum, n_tokens
@@ -95,7 +105,7 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def next_token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, n): how many labelled next tokens are the argmax of the shifted logits. Both () long."""
-    z, y = _shift(logits, labels)                                   # (B, T-1, V), (B, T-1)
-    mask = y != IGNORE_INDEX                                        # (B, T-1)
-    correct = ((z.argmax(dim=-1) == y) & mask).sum()
+    y = _shift_labels(logits, labels)                               # (B, T)
+    mask = y != IGNORE_INDEX                                        # (B, T)
+    correct = ((logits.argmax(dim=-1) == y) & mask).sum()
     return correct, mask.sum()

@@ -46,7 +46,7 @@ class BatchJobConfig(StrictModel):
     chat: Literal["auto", "always", "never"] = Field("auto", description="Send input_text as a user message through the tokenizer's chat template ('auto': when the model has one); messages rows always use it.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for every prompt.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Template, parsing and filtering when task is 'rationales'.")
-    batch_size: int = Field(32, gt=0, description="Rows handed to an engine replica at a time (vLLM batches them continuously).")
+    batch_size: int = Field(32, gt=0, description="Rows in one call of an engine replica. A replica works on enough calls at once to fill engine.max_num_seqs, and one more: vLLM batches their sequences continuously, so a call's long completions do not leave the engine idle.")
     rows_per_shard: int = Field(128, gt=0, description="Input rows per read block: what one Ray Data read task reads (and about the rows of one output part). A re-run skips every row already committed, whatever the block.")
     output_dir: str = Field("outputs/batch", description="A local path, shared mount or s3:// / gs:// URI (every replica writes there). Gets parts/ and checkpoint/ (written by the replicas; what a re-run skips), then output.jsonl (input order), rejects.jsonl, stats.json, summary.json, manifest.json, config.resolved.yaml.")
 

@@ -243,6 +243,12 @@ def _write_config(cfg: BatchJobConfig, store) -> None:
     store.write_text("config.resolved.yaml", dump_config(cfg))
 
 
+def batches_in_flight(cfg: BatchJobConfig) -> int:
+    """Batches one engine works on at once: enough to fill its max_num_seqs, and one more."""
+    sequences = cfg.batch_size * max(1, cfg.sampling.n) * (cfg.rationales.self_consistency_n if cfg.task == "rationales" else 1)
+    return max(2, -(-cfg.engine.max_num_seqs // sequences) + 1)
+
+
 def _generate(cfg: BatchJobConfig, store, index: dict, generator) -> int:
     """Run the pipeline over the rows not yet committed; returns the rows it wrote."""
     from rayapp.models.io import resolve_model, wants_chat
@@ -270,13 +276,18 @@ def _generate(cfg: BatchJobConfig, store, index: dict, generator) -> int:
             remote_args["num_gpus"] = gpus
         if eng.resources:
             remote_args["resources"] = dict(eng.resources)
+        pool: dict = {"min_size": lo, "max_size": hi}
         if generator is None:
             remote_args["runtime_env"] = {"env_vars": engine_env(eng)}
+            # Several batches in one engine at once (LocalEngine.generate is thread-safe and batches
+            # concurrent calls together): the engine stays full while a batch's longest completions
+            # finish, and a next batch is ready when one ends.
+            pool |= {"max_concurrent_calls_per_actor": batches_in_flight(cfg), "enable_true_multi_threading": True}
         ds = ds.map_batches(
             GenerationStage,
             fn_constructor_kwargs={"model_dir": model_dir, "job": cfg.model_dump(), "chat": chat, "generator": generator},
             batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            compute=ray.data.ActorPoolStrategy(**pool),
             **remote_args,
         )
         sink = io.parts_sink(store)

@@ -12,8 +12,10 @@ on GPU ``sleep()`` offloads weights and drops the KV cache (sleep level 1).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,13 @@ class LocalEngine:
         self.llm = LLM(**llm_kwargs(model_path, engine, weight_transfer))
         self.tokenizer = self.llm.get_tokenizer()
         self.start_seconds = time.perf_counter() - started
+        # generate() from several threads at once (a batch stage's concurrent calls): every call's
+        # requests join the same running engine batch (see _run_shared).
+        self._engine_lock = threading.Lock()      # the engine's add/step: one thread at a time
+        self._done = threading.Condition()        # guards _finished and _driving
+        self._finished: dict[str, Any] = {}
+        self._driving = False
+        self._request_ids = itertools.count()
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict]) -> list[int]:
@@ -155,7 +164,7 @@ class LocalEngine:
             todo_idx.append(index)
             todo_len.append(len(ids))
         if todo:
-            outputs = self.llm.generate(todo, params, use_tqdm=False)
+            outputs = self._run_shared(todo, params)
             for out, index, n_prompt in zip(outputs, todo_idx, todo_len, strict=True):
                 for k, c in enumerate(out.outputs):
                     logprobs = None
@@ -166,6 +175,42 @@ class LocalEngine:
                              prompt_index=index, sample_index=k, prompt_tokens=n_prompt)
                     )
         return results
+
+    def _run_shared(self, prompts: list, params) -> list:
+        """``llm.generate(prompts, params)``, safe to call from several threads at once: each call
+        enqueues its requests, and one caller at a time (the driver) steps the engine for all of
+        them, so the requests of concurrent calls are batched together (continuous batching across
+        calls: a call's short completions are replaced by another call's prompts instead of the
+        engine idling until the call's longest completion ends). A caller returns as soon as its
+        own requests are finished, handing the driving to a caller still waiting."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it ends (as LLM.generate)
+        with self._engine_lock:
+            ids = [f"rayapp-{next(self._request_ids)}" for _ in prompts]
+            for request_id, prompt in zip(ids, prompts, strict=True):
+                self.llm.llm_engine.add_request(request_id, prompt, params)
+        with self._done:
+            while not all(r in self._finished for r in ids):
+                if not self._driving:
+                    self._driving = True
+                    break
+                self._done.wait()
+            else:
+                return [self._finished.pop(r) for r in ids]
+        try:
+            while True:
+                with self._engine_lock:
+                    outputs = self.llm.llm_engine.step()
+                with self._done:
+                    self._finished.update((o.request_id, o) for o in outputs if o.finished)
+                    self._done.notify_all()
+                    if all(r in self._finished for r in ids):
+                        return [self._finished.pop(r) for r in ids]
+        finally:
+            with self._done:
+                self._driving = False
+                self._done.notify_all()
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[list[Any]]:
         """Per sequence, for each token after the first: its logprob given the prefix (top_k=0) or

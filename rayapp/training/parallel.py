@@ -132,7 +132,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def prepare_model(model: nn.Module, strategy: str, device: torch.device | str, precision: str | Precision = "fp32",
                   activation_checkpointing: bool = False) -> nn.Module:
     """Place ``model`` on ``device`` and wrap it for ``strategy`` with ``precision``; returns the
-    module to train (a DDP wrapper for ddp; the same object, sharded in place, for fsdp).
+    module to train (a DDP wrapper for ddp with more than one rank, the model itself with one; the
+    same object, sharded in place, for fsdp).
 
     Every rank calls it with the same arguments, after ``init_process_group`` for ddp / fsdp and
     before the optimizer is built (FSDP2 replaces the parameters with sharded DTensors).
@@ -161,7 +162,9 @@ def prepare_model(model: nn.Module, strategy: str, device: torch.device | str, p
     model = model.to(device)
     if prec.mixed:
         _autocast_forward(model, device.type, prec.compute_dtype)
-    if strategy == "ddp":
+    if strategy == "ddp" and world > 1:
+        # A single rank has nothing to all-reduce: no wrapper (as Ray Train's own prepare_model), so
+        # its autograd hooks and gradient buckets cost nothing there (bench/sft_overhead.py).
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         # gradient_as_bucket_view: the all-reduce buckets are the .grad tensors (no second copy of the gradients).
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)

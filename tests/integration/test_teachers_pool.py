@@ -180,3 +180,31 @@ def test_kind_evaluate_vllm_backend_answers_as_transformers_does(pool, tiny_mode
     assert results["vllm"]["backend"] == "vllm"
     assert results["vllm"]["correct"] == len(rows), [(s["gold"], s["completion"]) for s in results["vllm"]["samples"]]
     assert results["vllm"]["accuracy"] == results["transformers"]["accuracy"] == 1.0
+
+
+def test_concurrent_generate_calls_share_one_engine(ray_cluster, tiny_model_dir):
+    """A batch stage's actor runs several batches at once (max_concurrency > 1): the calls' requests
+    join one engine batch, and each call gets back exactly its own completions, greedy outputs
+    equal to one call with every prompt."""
+    import ray
+
+    from rayapp.teachers.pool import LocalEngine, engine_env
+
+    engine = EngineConfig(cpus_per_engine=1, max_model_len=128, max_num_seqs=16, kv_cache_gib=1)
+    actor = ray.remote(LocalEngine).options(num_cpus=1, max_concurrency=4, runtime_env={"env_vars": engine_env(engine)}) \
+        .remote(tiny_model_dir, engine.model_dump())
+    try:
+        prompts = [f"{p} {k}" for k in range(4) for p in PROMPTS]  # 20 prompts, 4 calls of 5
+        sampling = greedy(max_tokens=12).model_dump()
+        whole = ray.get(actor.generate.remote(prompts, sampling))
+        parts = ray.get([actor.generate.remote(prompts[i : i + 5], sampling, list(range(i, i + 5))) for i in range(0, 20, 5)])
+        got = [c for part in parts for c in part]
+        assert [c["prompt_index"] for c in got] == list(range(20))
+        assert [c["token_ids"] for c in got] == [c["token_ids"] for c in whole]
+        # n > 1 in one call beside another call
+        two = ray.get([actor.generate.remote(PROMPTS[:2], {**sampling, "n": 3, "temperature": 1.0}),
+                       actor.generate.remote(prompts[2:5], sampling)])
+        assert [(c["prompt_index"], c["sample_index"]) for c in two[0]] == [(i, k) for i in range(2) for k in range(3)]
+        assert [c["token_ids"] for c in two[1]] == [c["token_ids"] for c in whole[2:5]]
+    finally:
+        ray.kill(actor)
