@@ -41,19 +41,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return num / den.clamp(min=torch.finfo(values.dtype).tiny)
 
 
-def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal shift: position t's logits predict token t+1.  -> (B, T-1, V), (B, T-1)"""
+def _check_lm_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal shift: position t's logits predict token t+1.  -> (B, T-1, V), (B, T-1)"""
+    _check_lm_shapes(logits, labels)
     return logits[:, :-1, :], labels[:, 1:]
 
 
 def _shift_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with unshifted logits: position t holds token t+1, the last IGNORE.  -> (B, T)"""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
+    _check_lm_shapes(logits, labels)
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
