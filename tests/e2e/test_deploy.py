@@ -5,8 +5,8 @@ removes it all and stops the local head rayapp started.
 
 Everything shares one persistent local head (a record file private to this test). The sft job
 trains while one CPU burner per core keeps the machine busy, until its model is exported (issue 18:
-jobs on the persistent head survive a busy machine; tests/e2e/test_busy_machine.py does the same
-in-process). The sft endpoint and the reward model stay up, so the head lives through the test,
+jobs on the persistent head survive a busy machine; the in-process cluster gets the same waits:
+tests/unit/test_runtime_resources.py). The sft endpoint and the reward model stay up, so the head lives through the test,
 while each other vLLM deployment is checked and removed before the next, keeping at most two
 engines up at a time.
 """

@@ -174,3 +174,26 @@ def test_tensor_parallel_engine_places_its_actor_and_resources_in_one_node_group
     ray = cluster(HEAD, {"CPU": 8.0, "GPU": 2.0, "inference": 1.0}, {"CPU": 8.0, "GPU": 2.0, "inference": 1.0})
     with pytest.raises(ResourceError, match="no node of this cluster can hold one"):
         _engine_check(ray, num_engines=1, use_gpu=True, tensor_parallel_size=4, resources={"inference": 1})
+
+
+def test_ensure_ray_lengthens_rays_waits_before_it_starts_a_cluster(monkeypatch):
+    """The in-process cluster gets the same busy-machine waits as the persistent head (whose job
+    tests/e2e/test_deploy.py trains under one CPU burner per core): ensure_ray puts every
+    BUSY_MACHINE_TIMEOUTS value into the environment before ``ray.init``, and a value already set wins."""
+    import os
+    import sys
+
+    seen = {}
+    fake = types.SimpleNamespace(is_initialized=lambda: False,
+                                 init=lambda **kw: seen.update({k: os.environ.get(k) for k in runtime.BUSY_MACHINE_TIMEOUTS}))
+    key, (value, _why) = next(iter(runtime.BUSY_MACHINE_TIMEOUTS.items()))
+    for k in runtime.BUSY_MACHINE_TIMEOUTS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(key, "12345")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(runtime, "loopback_only", lambda: None)
+    assert runtime.ensure_ray() is fake
+    assert seen, "ray.init was not reached"
+    assert seen[key] == "12345"
+    assert all(seen[k] == v for k, (v, _) in runtime.BUSY_MACHINE_TIMEOUTS.items() if k != key), seen
