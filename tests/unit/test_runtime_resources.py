@@ -186,7 +186,7 @@ def test_ensure_ray_lengthens_rays_waits_before_it_starts_a_cluster(monkeypatch)
     seen = {}
     fake = types.SimpleNamespace(is_initialized=lambda: False,
                                  init=lambda **kw: seen.update({k: os.environ.get(k) for k in runtime.BUSY_MACHINE_TIMEOUTS}))
-    key, (value, _why) = next(iter(runtime.BUSY_MACHINE_TIMEOUTS.items()))
+    key = next(iter(runtime.BUSY_MACHINE_TIMEOUTS))
     for k in runtime.BUSY_MACHINE_TIMEOUTS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv(key, "12345")
