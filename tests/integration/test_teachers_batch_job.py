@@ -103,6 +103,26 @@ def _wait_for_commits(out: Path, proc: subprocess.Popen, n: int, timeout: float 
     assert len(_committed(out)) >= n, f"no {n} parts committed within {timeout:.0f} s"
 
 
+def _wait_for_the_killed_job_to_stop(out: Path, timeout: float = 120) -> None:
+    """A SIGKILLed driver's Ray workers live on until the cluster notices the driver is gone, and
+    until then a replica may still commit a part (CI once counted 64 rows here and the re-run found
+    80). Wait until every replica that wrote a part has exited and the committed parts have stayed
+    the same for 5 s. (The embedded cluster has no dashboard, hence no State API to ask.)"""
+    import psutil
+
+    deadline = time.time() + timeout
+    seen, since = None, time.time()
+    while time.time() < deadline:
+        parts = [p.name for p in _committed(out)]
+        if parts != seen:
+            seen, since = parts, time.time()
+        pids = {int(r.split(":")[1]) for r in _replicas(out)}
+        if not any(psutil.pid_exists(pid) for pid in pids) and time.time() - since >= 5:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the killed job's replicas still run {timeout:.0f} s after its driver was killed")
+
+
 def test_batch_job_writes_every_row_exactly_once(ray_cluster, tiny_model_dir, tmp_path):
     from rayapp.teachers.batch import run
 
@@ -139,6 +159,7 @@ def test_killed_batch_job_resumes_without_duplicates(ray_cluster, tiny_model_dir
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _wait_for_the_killed_job_to_stop(out)
     done = _committed_rows(out)
     assert 2 <= len(_committed(out)) and done < N_GOOD + 4, f"kill landed outside the run: {done} rows committed"
     assert not (out / "output.jsonl").exists()
