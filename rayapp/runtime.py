@@ -245,7 +245,9 @@ def check_resources(cpus: float = 0.0, gpus: float = 0.0, what: str = "this job"
     bundle, count = {k: float(v) for k, v in bundles[0].items() if v}, len(bundles)
     fields = fields or {}
     per_node = [_fits(n, bundle) for n in nodes]
-    shapes = ", ".join(f"{c} x {s}" for s, c in Counter(_fmt_res(n) for n in nodes).items())
+    # largest nodes first, whatever order the GCS lists them in (a 0-CPU head last)
+    by_size = sorted(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), reverse=True)
+    shapes = ", ".join(f"{c} x {s}" for s, c in Counter(_fmt_res(n) for n in by_size).items())
     if not any(per_node):
         largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in bundle}
         short = [k for k, v in bundle.items() if v > largest[k]]

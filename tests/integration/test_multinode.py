@@ -173,8 +173,9 @@ def test_job_no_node_can_hold_fails_at_once(cluster, tmp_path):
     log = finish(proc, timeout=300)
     assert proc.returncode != 0, log[-3000:]
     assert "no node of this cluster can hold one" in log, log[-3000:]
-    # the nodes as they are (an earlier test of this module may have replaced one): only 1-CPU nodes
-    assert "set resources.cpus_per_worker to at most 1" in log and re.search(r"nodes: \d+ x \{CPU: 1\}", log), log[-3000:]
+    # the nodes as they are (an earlier test of this module may have replaced one), largest first:
+    # the 1-CPU workers, then the 0-CPU head
+    assert "set resources.cpus_per_worker to at most 1" in log and re.search(r"nodes: \d+ x \{CPU: 1\}, 1 x \{CPU: 0\}\)", log), log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     # Refused before any worker started: no worker recorded itself, no checkpoint (a wall-clock bound
     # here failed on a loaded machine).

@@ -44,7 +44,11 @@ def test_worker_larger_than_any_node_names_the_field(cluster):
     msg = str(e.value)
     assert "job 'x' asks for 1 worker(s) of {CPU: 2} each, but no node of this cluster can hold one" in msg
     assert "set resources.cpus_per_worker to at most 1" in msg
-    assert "2 x {CPU: 1}" in msg and "1 x {CPU: 0}" in msg
+    assert "(nodes: 2 x {CPU: 1}, 1 x {CPU: 0})" in msg
+    # largest first whatever order the GCS lists the nodes in (a multi-node test once failed on this)
+    cluster({"CPU": 1.0}, HEAD, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0})
+    with pytest.raises(ResourceError, match=r"\(nodes: 1 x \{CPU: 1, GPU: 1\}, 2 x \{CPU: 1\}, 1 x \{CPU: 0\}\)"):
+        check_resources(cpus=2, bundles=[{"CPU": 2}], fields=FIELDS)
     check_resources(cpus=2, what="job 'x'", bundles=[{"CPU": 1}] * 2, fields=FIELDS)  # one per node fits
 
 
