@@ -82,6 +82,27 @@ def _read_state(out: Path) -> dict | None:
         return None
 
 
+CHECKPOINTS = "checkpoints"
+SUPERSEDED = "checkpoints.superseded"
+
+
+def _supersede_checkpoints(out: Path, state: dict | None, fp: str) -> None:
+    """A stage that runs again because its config or inputs changed starts over: the checkpoints
+    its training job would resume from were written by the earlier config (another model, other
+    data), so they move to ``checkpoints.superseded/`` (the previous superseded set is dropped).
+    A stage re-run with the same fingerprint (killed or failed before) resumes from them."""
+    ckpts = out / CHECKPOINTS
+    if state is None or state.get("fingerprint") == fp or not ckpts.is_dir() or not any(ckpts.iterdir()):
+        return
+    import shutil
+
+    old = out / SUPERSEDED
+    shutil.rmtree(old, ignore_errors=True)
+    ckpts.rename(old)
+    say(f"[{out.name}] its config or inputs changed since its checkpoints were written: starting over "
+        f"(the old checkpoints are in {old})")
+
+
 def validate(cfg) -> str:
     lines = []
     for name in cfg.stages:
@@ -130,6 +151,9 @@ def run(cfg) -> dict:
             timings[name] = {"kind": stage_cfg.kind, "status": "skipped", "wall_s": state.get("wall_s"), "summary": state.get("summary", {})}
             continue
         say(f"{header}{'=' * max(0, 60 - len(header))}")
+        _supersede_checkpoints(stage_out, state, fp)
+        stage_out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage_out / STATE_FILE, {"status": "running", "fingerprint": fp, "started_at": time.time()})
         t0 = time.perf_counter()
         try:
             summary = kinds.run(stage_cfg) or {}

@@ -162,7 +162,20 @@ def load_checkpoint(path: str, model, optimizer, extra_modules: dict | None = No
             "(sharded); it was written by an older rayapp: train into a new output_dir, or remove "
             f"{Path(path).parent} to start over"
         )
-    load_sharded(path, model, optimizer)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load_sharded(path, model, optimizer)
+    # DCP: "Missing key in checkpoint state_dict: ..." (a CheckpointException when it gathers the ranks'
+    # errors, a RuntimeError otherwise), size mismatches; load_sharded: "does not match the model"
+    except (RuntimeError, CheckpointException) as e:
+        if not any(m in str(e).lower() for m in ("missing key", "unexpected key", "size mismatch", "does not match the model")):
+            raise
+        raise CheckpointFormatError(
+            f"checkpoint {path} was written for another model than this job's ({str(e).strip().splitlines()[-1]}): "
+            f"the job's model, student or adapter changed since. Train into a new output_dir, or remove "
+            f"{Path(path).parent} to start over"
+        ) from e
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     for key, module in (extra_modules or {}).items():
         if key not in state.get("extra", {}):

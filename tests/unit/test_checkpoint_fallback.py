@@ -103,3 +103,26 @@ def test_a_copy_cut_short_before_meta_json_is_no_candidate(tmp_path):
     assert LocalReporter(tmp_path).latest_checkpoint() is None
     (tmp_path / "step_000002" / "meta.json").write_text(json.dumps({"step": 2, "format": "rayapp-ckpt-v2"}))
     assert checkpoint_problem(tmp_path / "step_000002") is None  # another format: load_checkpoint explains it
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_what_to_do(tmp_path):
+    """Resuming into a changed model (a student with other layers, say) names the checkpoint, the
+    key that differs and what to do, instead of DCP's bare "Missing key in checkpoint state_dict"."""
+    from rayapp.training.checkpoint import CheckpointFormatError, load_checkpoint, save_checkpoint
+
+    def model_and_opt(layers: int):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(layers)])
+        return m, torch.optim.AdamW(m.parameters())
+
+    m2, o2 = model_and_opt(2)
+    m2(torch.ones(1, 4)).sum().backward()
+    o2.step()
+    saved = tmp_path / "checkpoints" / "step_000001"
+    shutil.copytree(save_checkpoint(m2, o2, 1, 1, None, rank=0), saved)
+    m_again, o_again = model_and_opt(2)
+    assert load_checkpoint(str(saved), m_again, o_again) == (1, 1)   # the same model resumes
+    m3, o3 = model_and_opt(3)
+    with pytest.raises(CheckpointFormatError, match=r"step_000001 was written for another model than this job's \(.*2\.weight.*\)"
+                                                    r".*new output_dir, or remove .*checkpoints to start over"):
+        load_checkpoint(str(saved), m3, o3)

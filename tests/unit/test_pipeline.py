@@ -100,6 +100,41 @@ def test_failed_stage_stops_and_keeps_finished_outputs(tmp_path, fake_recipes):
     assert calls == ["teacher", "student", "student"]  # teacher was not re-run
 
 
+def test_a_changed_stage_starts_over_and_a_failed_one_resumes(tmp_path, monkeypatch, capsys):
+    """A stage re-run because its config changed must not resume from checkpoints its earlier
+    config wrote (another model: DCP fails on missing keys; same shapes: silently wrong); one re-run
+    with the same config after a failure resumes from them."""
+    import types
+    from pathlib import Path
+
+    import rayapp.kinds as kinds
+    from rayapp.pipeline import StageFailed, run
+
+    seen, fail = [], set()
+
+    def recipe_run(cfg):
+        ckpts = Path(cfg.output_dir, "checkpoints")
+        seen.append((cfg.name, sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []))
+        (ckpts / f"step_{len(seen)}").mkdir(parents=True, exist_ok=True)
+        if cfg.name in fail:
+            raise RuntimeError("killed")
+        Path(cfg.output_dir, "model").mkdir(parents=True, exist_ok=True)
+        return {}
+
+    monkeypatch.setattr(kinds, "recipe", lambda kind: types.SimpleNamespace(run=recipe_run, validate=lambda cfg: ""))
+    fail.add("student")
+    with pytest.raises(StageFailed):
+        run(load_job(_job(tmp_path)))
+    fail.clear()
+    run(load_job(_job(tmp_path)))                       # same config: resumes from the failed run's checkpoint
+    assert seen[-1] == ("student", ["step_2"])
+    out = tmp_path / "out" / "student"
+    run(load_job(_job(tmp_path), ["stages.student.train.epochs=2"]))   # changed: starts over
+    assert seen[-1] == ("student", [])
+    assert sorted(p.name for p in (out / "checkpoints.superseded").iterdir()) == ["step_2", "step_3"]
+    assert "config or inputs changed since its checkpoints were written: starting over" in capsys.readouterr().out
+
+
 def _ask_job(tmp_path, ask: str) -> str:
     p = tmp_path / "ask.yaml"
     p.write_text(f"kind: pipeline\noutput_dir: {tmp_path}/o\nstages:\n"
