@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,21 +83,19 @@ def _read_state(out: Path) -> dict | None:
         return None
 
 
-CHECKPOINTS = "checkpoints"
-SUPERSEDED = "checkpoints.superseded"
-
-
 def _supersede_checkpoints(out: Path, state: dict | None, fp: str) -> None:
     """A stage that runs again because its config or inputs changed starts over: the checkpoints
     its training job would resume from were written by the earlier config (another model, other
     data), so they move to ``checkpoints.superseded/`` (the previous superseded set is dropped).
     A stage re-run with the same fingerprint (killed or failed before) resumes from them."""
-    ckpts = out / CHECKPOINTS
-    if state is None or state.get("fingerprint") == fp or not ckpts.is_dir() or not any(ckpts.iterdir()):
+    if state is None or state.get("fingerprint") == fp:
         return
-    import shutil
+    from rayapp.training.launch import CHECKPOINT_RUN_NAME  # where every training job keeps its checkpoints
 
-    old = out / SUPERSEDED
+    ckpts = out / CHECKPOINT_RUN_NAME
+    if not ckpts.is_dir() or not any(ckpts.iterdir()):
+        return
+    old = out / f"{CHECKPOINT_RUN_NAME}.superseded"
     shutil.rmtree(old, ignore_errors=True)
     ckpts.rename(old)
     say(f"[{out.name}] its config or inputs changed since its checkpoints were written: starting over "
