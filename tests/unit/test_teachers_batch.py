@@ -249,3 +249,17 @@ def test_engine_thread_binding_env():
     assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(EngineConfig(cpu_threads_bind="all", use_gpu=True), on_engine_node=True)
     with pytest.raises(ValueError, match="cpu_threads_bind"):
         EngineConfig(cpu_threads_bind="cores 0 to 3")
+
+
+def test_cpu_engines_run_their_engine_core_in_process(monkeypatch):
+    """On CPU the vLLM engine core runs in the engine's own process (no second process to start and
+    share the cores with); on GPU vLLM's default (a separate process) stays; the environment's own
+    setting wins."""
+    from rayapp.config.base import EngineConfig
+    from rayapp.teachers.pool import engine_env
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert engine_env(EngineConfig())["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(EngineConfig(use_gpu=True))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert engine_env(EngineConfig())["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
