@@ -46,6 +46,24 @@ def free_port() -> int:
     raise RuntimeError("no free TCP port between 20000 and the ephemeral range")
 
 
+def make_adapter(base_dir, out_dir, seed: int = 0):
+    """A LoRA adapter for the tiny model whose lora_B is perturbed, so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rayapp.models.io import load_causal_lm
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(str(base_dir)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
 class CpuBurners:
     """One busy-looping process per core, bounded in time (30 min) and killed on exit: a machine
     whose cores are all busy with something else while a job runs (issue 18)."""

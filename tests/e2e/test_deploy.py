@@ -1,20 +1,22 @@
 """`deploy.enabled: true` after training: the result is served and still answers after `rayapp run`
-has exited (sft: a full model; reward model: `/score`; dpo: a LoRA adapter exported alone, served on
-the base its config names); then `rayapp deploy BASE --adapter A=DIR --adapter B=DIR` serves two LoRA
-adapters on one base, `rayapp deploy --status` lists what runs, and `rayapp deploy --shutdown`
-removes it all and stops the local head rayapp started.
+has exited (sft: a full model; reward model: `/score`); then `rayapp deploy BASE --adapter A=DIR
+--adapter B=DIR` serves two LoRA adapters on one base (a dpo job's, exported alone, and one made with
+peft), `rayapp deploy --status` lists what runs, and `rayapp deploy --shutdown` removes it all and stops the
+local head rayapp started.
 
 Everything shares one persistent local head (a record file private to this test). The sft job
 trains while one CPU burner per core keeps the machine busy, until its model is exported (issue 18:
 jobs on the persistent head survive a busy machine; the in-process cluster gets the same waits:
 tests/unit/test_runtime_resources.py). The sft endpoint and the reward model stay up, so the head
-lives through the test, while each other vLLM deployment is checked and removed before the next,
-keeping at most three engines up at a time.
+lives through the test; three engines are up at its end.
 
-Not here, to keep the suite within CI's time: an rlhf job's deploy (its export is the sft export,
-checked by tests/integration/test_rlhf.py; the deploy after it is this same path) and
-jobs/deploy_reward_tiny.yaml served a second time (its config: tests/integration/test_serving_config.py;
-the reward endpoint: tests/integration/test_serving_reward.py).
+Not here, to keep the suite within CI's time: a distill job's adapter-only export (every kind exports
+through rayapp.training.outputs.export_model, dpo's here), a job's own deploy of an adapter-only output (the
+CLI deployment below, with the base read from config.resolved.yaml:
+tests/integration/test_serving_config.py::test_resolve_source_job_output_dirs), an rlhf job's deploy
+(its export is the sft export, checked by tests/integration/test_rlhf.py; the deploy after it is this
+same path) and jobs/deploy_reward_tiny.yaml served a second time (its config:
+tests/integration/test_serving_config.py; the reward endpoint: tests/integration/test_serving_reward.py).
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from pathlib import Path
 import pytest
 
 from rayapp.data.readers import read_jsonl
-from tests.conftest import CpuBurners, free_port
+from tests.conftest import CpuBurners, free_port, make_adapter
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # 4 jobs, 4 vLLM engine starts
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # 3 jobs, 3 vLLM engine starts
 ROOT = Path(__file__).resolve().parents[2]
 RAYAPP = [sys.executable, "-m", "rayapp.cli"]
 KEY = "e2e-secret-key"
 SHORT = ("train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2")
 
 
-def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_path):
+def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_path, tiny_model_dir):
     import httpx
     from openai import AuthenticationError, OpenAI
 
@@ -85,9 +87,6 @@ def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_pat
         chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "2+3="}], max_tokens=4, temperature=0)
         assert chat.choices[0].finish_reason in ("stop", "length")
 
-    def remove(name: str) -> None:
-        assert name in rayapp("deploy", "--shutdown", name).stdout
-
     try:
         url = run("jobs/sft_tiny.yaml", "sft", "deploy.api_key_env=E2E_KEY", "train.max_steps=8", "train.eval_every=4",
                   "train.checkpoint_every=4", burn_until_trained=True)
@@ -101,28 +100,26 @@ def test_every_training_kind_serves_its_result_and_adapters_share_a_base(tmp_pat
         scored = httpx.post(f"{url}/score", json={"model": "rm", "input": ["2+3=5", "2+3=7"]}, timeout=120)
         assert scored.status_code == 200 and len(scored.json()["data"]) == 2, scored.text
 
-        # LoRA exported as adapter/ only (no merged model/): served on the base named in config.resolved.yaml.
-        url = run("jobs/dpo.yaml", "dpo", "adapter.rank=4", "adapter.export=adapter", *SHORT)
+        # Two LoRA adapters on the same base (tiny), neither deployed by a job: dpo's, exported alone by
+        # its job (adapter/, no merged model/), and one made here with peft; both go on one deployment
+        # through the CLI, beside the base. (A job's own deploy of an adapter-only output is this
+        # deployment with the base read from config.resolved.yaml:
+        # tests/integration/test_serving_config.py::test_resolve_source_job_output_dirs.)
+        rayapp("run", "jobs/dpo.yaml", f"output_dir={tmp_path / 'dpo'}", "adapter.rank=4", "adapter.export=adapter", *SHORT,
+               timeout=1500)
         assert not (tmp_path / "dpo" / "model").exists() and (tmp_path / "dpo" / "adapter" / "adapter_config.json").exists()
-        answers(url, "dpo")
-        remove("dpo")
-
-        # A second adapter on the same base (tiny), not deployed by its job: both go on one deployment
-        # through the CLI, beside the base.
-        rayapp("run", "jobs/distill_self.yaml", f"output_dir={tmp_path / 'distill'}", "teacher.path=tiny", "self.rounds=1",
-               "adapter.rank=4", "adapter.export=adapter", *SHORT, timeout=1500)
-        assert not (tmp_path / "distill" / "model").exists()
+        make_adapter(tiny_model_dir, tmp_path / "other")
         p = rayapp("deploy", "tiny", "--adapter", f"dpo={tmp_path / 'dpo' / 'adapter'}",
-                   "--adapter", f"distill={tmp_path / 'distill' / 'adapter'}", "--port", str(port), "--max-model-len", "256",
+                   "--adapter", f"other={tmp_path / 'other'}", "--port", str(port), "--max-model-len", "256",
                    timeout=900)
         url = f"http://127.0.0.1:{port}/v1"
-        assert f"serving model 'tiny' at {url}" in p.stdout and "adapter 'dpo'" in p.stdout and "adapter 'distill'" in p.stdout
+        assert f"serving model 'tiny' at {url}" in p.stdout and "adapter 'dpo'" in p.stdout and "adapter 'other'" in p.stdout
         c = client(url)
-        assert sorted(m.id for m in c.models.list().data) == ["distill", "dpo", "tiny"]
+        assert sorted(m.id for m in c.models.list().data) == ["dpo", "other", "tiny"]
         # Each name really selects its weights: the same prompt's first-token log-prob differs between
         # the base and each adapter (and between the adapters). Were a name routed to the base, two would match.
         first = {}
-        for name in ("tiny", "dpo", "distill"):
+        for name in ("tiny", "dpo", "other"):
             done = c.completions.create(model=name, prompt="2+3=", max_tokens=1, temperature=0, logprobs=1)
             first[name] = done.choices[0].logprobs.token_logprobs[0]
         assert len({round(v, 6) for v in first.values()}) == 3, first

@@ -14,30 +14,12 @@ import os
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, make_adapter
 
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-0123456789"
 MODEL = "tiny-served"
-
-
-def make_adapter(base_dir, out_dir, seed: int = 0):
-    """A LoRA adapter for the tiny model whose lora_B is perturbed, so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from rayapp.models.io import load_causal_lm
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(str(base_dir)),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(str(out_dir))
-    return out_dir
 
 
 @pytest.fixture(scope="module")
