@@ -103,6 +103,24 @@ def _wait_for_commits(out: Path, proc: subprocess.Popen, n: int, timeout: float 
     assert len(_committed(out)) >= n, f"no {n} parts committed within {timeout:.0f} s"
 
 
+@pytest.fixture()
+def idle_cluster(ray_cluster):
+    """The session cluster with every CPU free. What these tests observe (a replacement replica, the
+    pool's second replica, when parts commit) needs free CPUs: Ray releases the actors of a test
+    that ended (Train workers, engines, a killed driver's replicas) asynchronously, and a replica or
+    a write task left waiting for a CPU turns the check into a timing accident (the suite once saw
+    the pool never scale up and an engine killed only after every row was generated)."""
+    total = ray_cluster.cluster_resources().get("CPU", 0)
+    start = time.time()
+    deadline = start + 120
+    while ray_cluster.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.5)
+    free = ray_cluster.available_resources().get("CPU", 0)
+    print(f"idle_cluster: {free:g} of {total:g} CPUs free after {time.time() - start:.1f} s")
+    assert free >= total, f"{total - free:g} of the session cluster's {total:g} CPUs still held 120 s after the previous test"
+    return ray_cluster
+
+
 def _wait_for_the_killed_job_to_stop(out: Path, timeout: float = 120) -> None:
     """A SIGKILLed driver's Ray workers live on until the cluster notices the driver is gone, and
     until then a replica may still commit a part (CI once counted 64 rows here and the re-run found
@@ -147,6 +165,7 @@ def test_batch_job_writes_every_row_exactly_once(ray_cluster, tiny_model_dir, tm
         run(load_job(_job(tmp_path, "out"), ["sampling.max_tokens=5"]))
 
 
+@pytest.mark.usefixtures("idle_cluster")
 def test_killed_batch_job_resumes_without_duplicates(ray_cluster, tiny_model_dir, tmp_path):
     from rayapp.teachers.batch import run
 
@@ -172,6 +191,7 @@ def test_killed_batch_job_resumes_without_duplicates(ray_cluster, tiny_model_dir
     _check_every_row_once(out)
 
 
+@pytest.mark.usefixtures("idle_cluster")
 def test_killed_engine_replica_is_replaced_and_rows_appear_once(ray_cluster, tiny_model_dir, tmp_path):
     """SIGKILL the engine actor (and its vLLM engine process) once some rows are committed: Ray
     Data restarts the replica, runs its unfinished batches again, and the job ends with every row once."""
@@ -244,6 +264,7 @@ def test_batch_output_to_s3_written_by_the_replicas(ray_cluster, s3_server, s3_b
     assert run(cfg, generator=Upper)["rows_generated"] == 0  # the checkpoint in the bucket says every row is done
 
 
+@pytest.mark.usefixtures("idle_cluster")
 def test_batch_pool_scales_from_min_to_max_replicas(ray_cluster, tmp_path, monkeypatch):
     """concurrency: [1, 2] is Ray Data's autoscaling actor pool, not a fixed one: rayapp hands Ray
     Data ActorPoolStrategy(min_size=1, max_size=2) (seen by a spy), the pool starts with one replica
