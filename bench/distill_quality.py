@@ -359,7 +359,11 @@ def kept_runs(saved: dict, redo: set) -> list[dict]:
         r = {"student": "scratch", "teacher_accuracy": saved.get("teacher_accuracy"), "global_batch_size": 16} | r
         if (r["student"], r["n"], r["seed"], r["variant"]) in redo:
             continue
-        if "run_at" not in r and "source" not in r:
+        if "source" in r:
+            pass
+        elif "run_at" in r:
+            r["source"] = f"an earlier invocation of this bench ({r['run_at'][:10]}, runner: {r.get('runner')})"
+        else:
             r["source"] = f"bench/results/distill_quality.json of commit {commit}, runner: {saved.get('runner')}"
         out.append(r)
     return out
@@ -503,8 +507,8 @@ def main() -> None:
     if args.merge and (RESULTS / "distill_quality.json").exists():
         saved = json.loads((RESULTS / "distill_quality.json").read_text())
         results = kept_runs(saved, redo)
-        for r in results:
-            if "source" not in r and r.get("teacher_accuracy") != teacher_info["test_accuracy"]:
+        for r in results:  # a student's cells come from one teacher; other students keep the teacher they had
+            if r["student"] in args.students and r.get("teacher_accuracy") != teacher_info["test_accuracy"]:
                 raise SystemExit(f"--merge: saved run {r['student']} N={r['n']} seed {r['seed']} came from a teacher with held-out "
                                  f"accuracy {r.get('teacher_accuracy')}, this one has {teacher_info['test_accuracy']}; "
                                  "run without --merge or with the same teacher settings")
