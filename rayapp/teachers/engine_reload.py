@@ -29,18 +29,31 @@ class WeightReload:
     def rayapp_reload_weights(self, weights_path: str) -> int:
         return reload_weights_in_worker(self, weights_path)
 
+    def rayapp_load_weights(self, named_tensors) -> int:
+        """Load (name, tensor) pairs given in memory: only where the worker runs in the caller's
+        process (``collective_rpc`` passes the arguments as they are; across processes on CPU
+        tensors would arrive as lists)."""
+        return load_weights_in_worker(self, named_tensors)
+
 
 def reload_weights_in_worker(worker, weights_path: str) -> int:
     """Load every ``*.safetensors`` in ``weights_path`` into ``worker``'s model; returns the
     number of tensors read. Raises when the directory holds none."""
-    import torch
-    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 
     files = sorted(glob.glob(os.path.join(weights_path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"reload_weights: no *.safetensors files in {weights_path}")
+    return load_weights_in_worker(worker, safetensors_weights_iterator(files, use_tqdm_on_load=False))
+
+
+def load_weights_in_worker(worker, named_tensors) -> int:
+    """Load the (Hugging Face name, tensor) pairs of ``named_tensors`` into ``worker``'s model
+    (see the module doc); returns how many were loaded."""
+    import torch
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
     model = worker.model_runner.model
     with torch.no_grad():
         for m in model.modules():
@@ -54,7 +67,7 @@ def reload_weights_in_worker(worker, weights_path: str) -> int:
 
         def counted():
             nonlocal count
-            for item in safetensors_weights_iterator(files, use_tqdm_on_load=False):
+            for item in named_tensors:
                 count += 1
                 yield item
 
@@ -62,4 +75,6 @@ def reload_weights_in_worker(worker, weights_path: str) -> int:
         for m in model.modules():
             if isinstance(m, (LinearBase, VocabParallelEmbedding)):
                 m.quant_method.process_weights_after_loading(m)
+    if not count:
+        raise ValueError("load_weights: no tensors were given")
     return count

@@ -120,6 +120,8 @@ class LocalEngine:
         self.model_path = str(model_path)
         self.llm = LLM(**llm_kwargs(model_path, engine, weight_transfer))
         self.tokenizer = self.llm.get_tokenizer()
+        # The engine core (and its worker) in this process: new weights can be handed over in memory.
+        self.core_in_process = not engine.use_gpu and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.start_seconds = time.perf_counter() - started
         # generate() from several threads at once (a batch stage's concurrent calls): every call's
         # requests join the same running engine batch (see _run_shared).
@@ -254,6 +256,26 @@ class LocalEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
+    def load_weight_blobs(self, *blobs) -> float:
+        """Load the buckets ``blobs`` (each the bytes of a safetensors file, as
+        weight_sync.serialize_bucket writes them; passed as object refs, Ray resolves them from this
+        node's object store) straight into the engine: no staging files. Only for an engine whose
+        core runs in this process (``core_in_process``)."""
+        from safetensors.torch import load
+
+        if not self.core_in_process:
+            raise RuntimeError("load_weight_blobs needs the engine core in this process (a CPU engine with "
+                               "VLLM_ENABLE_V1_MULTIPROCESSING=0); stage the weights and reload_staged instead")
+        started = time.perf_counter()
+
+        def tensors():
+            for blob in blobs:
+                yield from load(memoryview(blob).tobytes()).items()
+
+        self.llm.collective_rpc("rayapp_load_weights", args=(tensors(),))
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
+
     def stage_weights(self, version: str, name: str, blob) -> int:
         """Write one bucket of push ``version`` (the bytes of a safetensors file) into this node's
         staging directory (weight_sync.staging_dir: /dev/shm); returns the bytes written."""
@@ -290,7 +312,8 @@ class LocalEngine:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path, "node_id": node}
+        return {"pid": os.getpid(), "start_seconds": self.start_seconds, "model": self.model_path, "node_id": node,
+                "core_in_process": self.core_in_process}
 
 
 def check_engine_resources(ray, engine: EngineConfig, name: str) -> None:

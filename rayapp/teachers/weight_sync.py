@@ -14,7 +14,10 @@ head left out (``policy_of``). Every rank calls ``push`` (the gathers are collec
   place from its own node's copy (vLLM ``reload_weights``) and the files are removed. At most
   ``IN_FLIGHT`` buckets are in the object store at once, so no process holds the model twice, and
   nothing assumes a filesystem the trainer and the engines share. Tensors never travel as RPC
-  arguments (through ``collective_rpc`` on CPU they arrive as lists).
+  arguments to another process (through ``collective_rpc`` on CPU they arrive as lists). Where every
+  engine runs its engine core in its actor's own process (CPU engines, ``teachers.pool.engine_env``),
+  :func:`send_buckets_in_memory` skips the files: each engine loads the buckets from its node's
+  object store in one call.
 - ``nccl`` — :class:`NcclSync` (GPU engines): vLLM's weight-transfer engine
   (``NCCLTrainerWeightTransferEngine``): trainer rank 0 is NCCL rank 0, each engine's workers join
   the group at their own rank offset, and the parameters are broadcast in packed buffers straight
@@ -200,11 +203,18 @@ def drop_staged(version: str) -> None:
 
 # -- CPU transport -----------------------------------------------------------------------------
 
-def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None) -> dict:
+def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None,
+                 in_memory: bool | None = None) -> dict:
     """Move ``buckets`` to every node of ``pool`` that holds engines, through Ray's object store,
-    and reload every engine from its node's copy. Returns what it measured (see the module doc)."""
+    and reload every engine from its node's copy. Returns what it measured (see the module doc).
+    ``in_memory``: load without staging files (:func:`send_buckets_in_memory`); None: where every
+    engine's core runs in its actor's process."""
     import ray
 
+    if in_memory is None:
+        in_memory = loads_in_memory(pool)
+    if in_memory:
+        return send_buckets_in_memory(pool, buckets, aliases)
     writers = pool.node_writers()
     version = uuid.uuid4().hex[:12]
     gather = transfer = 0.0
@@ -242,6 +252,46 @@ def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliase
         ray.get([w.drop_staged.remote(version) for w in writers])
     return {"gather_s": gather, "transfer_s": transfer, "load_s": load, "bytes": float(nbytes), "buckets": float(count),
             "nodes": float(len(writers))}
+
+
+def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None) -> dict:
+    """``send_buckets`` for engines whose engine core runs in the engine actor's own process (CPU
+    engines): every bucket goes into Ray's object store and each engine loads them all from its
+    node's copy in one call (``load_weight_blobs``), in memory: no staging files, no second call to
+    reload, none to clean up. The object store holds one copy of the weights per engine node until
+    the engines have loaded them, as the staging directories would."""
+    import ray
+
+    gather = transfer = 0.0
+    nbytes = 0
+    refs = []
+    it = iter(buckets)
+    while True:
+        t0 = time.perf_counter()
+        bucket = next(it, None)
+        t1 = time.perf_counter()
+        gather += t1 - t0
+        if bucket is None:
+            break
+        blob = serialize_bucket(bucket, aliases)
+        nbytes += blob.nbytes
+        refs.append(ray.put(blob))
+        del blob, bucket
+        transfer += time.perf_counter() - t1
+    if not refs:
+        raise WeightSyncError("the policy yielded no weights to send to the engines")
+    t2 = time.perf_counter()
+    ray.get([a.load_weight_blobs.remote(*refs) for a in pool.actors])
+    load = time.perf_counter() - t2
+    nodes = len({info.get("node_id") or id(a) for a, info in zip(pool.actors, pool.infos, strict=True)})
+    return {"gather_s": gather, "transfer_s": transfer, "load_s": load, "bytes": float(nbytes), "buckets": float(len(refs)),
+            "nodes": float(nodes)}
+
+
+def loads_in_memory(pool) -> bool:
+    """Every engine of ``pool`` runs its engine core in its actor's process (new weights can be
+    handed over in memory)."""
+    return all(info.get("core_in_process") for info in getattr(pool, "infos", None) or [{}])
 
 
 class ObjectStoreSync:

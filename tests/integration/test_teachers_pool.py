@@ -79,19 +79,35 @@ def test_score_matches_generation_logprobs(pool, tiny_tokenizer):
     assert all(4 <= len(d) <= 5 and tok in d for tok, d in zip(seqs[0][1:], top, strict=True))
 
 
-def test_update_weights_changes_greedy_output_and_back(pool, tiny_model_dir):
+def test_update_weights_changes_greedy_output_and_back(pool, tiny_model_dir, tmp_path):
+    import glob
+
     import torch
 
     from rayapp.models.io import load_causal_lm
+    from rayapp.teachers.weight_sync import send_buckets, staging_dir, state_buckets
 
+    # CPU engines run their engine core in the actor's process: a state dict is loaded in memory
+    # (weight_sync.send_buckets_in_memory), a directory through vLLM's file loader.
+    assert all(info["core_in_process"] for info in pool.infos), pool.infos
     before = [c.token_ids for c in pool.generate(PROMPTS, greedy())]
     model = load_causal_lm(str(tiny_model_dir))
     torch.manual_seed(0)
-    state = {k: v + 0.5 * torch.randn_like(v) if v.dim() == 2 else v for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v + 0.5 * torch.randn_like(v) if v.dim() == 2 else v for k, v in model.state_dict().items()})
+    state = model.state_dict()  # tied embeddings: one value under both names
     seconds = pool.update_weights(state)
     changed = [c.token_ids for c in pool.generate(PROMPTS, greedy())]
     assert changed != before
     print(f"update_weights(state dict) took {seconds * 1000:.0f} ms for 2 engines")
+    model.save_pretrained(tmp_path / "changed")
+    pool.update_weights(tmp_path / "changed")  # the same weights from files: the same answers
+    assert [c.token_ids for c in pool.generate(PROMPTS, greedy())] == changed
+    pool.update_weights(tiny_model_dir)
+    # staged in /dev/shm and reloaded from there (engines whose core runs in another process): the same
+    staged_before = set(glob.glob(staging_dir("*")))
+    send_buckets(pool, state_buckets(state), in_memory=False)
+    assert [c.token_ids for c in pool.generate(PROMPTS, greedy())] == changed
+    assert set(glob.glob(staging_dir("*"))) == staged_before, "the staged weights were not removed"
     pool.update_weights(tiny_model_dir)  # a directory path: back to the original weights
     assert [c.token_ids for c in pool.generate(PROMPTS, greedy())] == before
 
