@@ -217,41 +217,24 @@ def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliase
         return send_buckets_in_memory(pool, buckets, aliases)
     writers = pool.node_writers()
     version = uuid.uuid4().hex[:12]
-    gather = transfer = 0.0
-    nbytes, count = 0, 0
+    m = {"gather_s": 0.0, "bytes": 0.0, "buckets": 0.0}
     inflight: list[list] = []
-    it = iter(buckets)
+    started = time.perf_counter()
     try:
-        while True:
-            t0 = time.perf_counter()
-            bucket = next(it, None)
-            t1 = time.perf_counter()
-            gather += t1 - t0
-            if bucket is None:
-                break
-            blob = serialize_bucket(bucket, aliases)
-            nbytes += blob.nbytes
-            ref = ray.put(blob)
-            del blob, bucket
+        for count, ref in enumerate(put_buckets(buckets, aliases, m)):
             inflight.append([w.stage_weights.remote(version, f"bucket-{count:05d}.safetensors", ref) for w in writers])
             del ref  # the object lives until every writer has it
-            count += 1
             while len(inflight) > IN_FLIGHT:
                 ray.get(inflight.pop(0))
-            transfer += time.perf_counter() - t1
-        t1 = time.perf_counter()
         for refs in inflight:
             ray.get(refs)
-        transfer += time.perf_counter() - t1
-        if not count:
-            raise WeightSyncError("the policy yielded no weights to send to the engines")
+        transfer = time.perf_counter() - started - m["gather_s"]
         t2 = time.perf_counter()
         ray.get([a.reload_staged.remote(version) for a in pool.actors])
         load = time.perf_counter() - t2
     finally:
         ray.get([w.drop_staged.remote(version) for w in writers])
-    return {"gather_s": gather, "transfer_s": transfer, "load_s": load, "bytes": float(nbytes), "buckets": float(count),
-            "nodes": float(len(writers))}
+    return m | {"transfer_s": transfer, "load_s": load, "nodes": float(len(writers))}
 
 
 def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None) -> dict:
@@ -262,30 +245,38 @@ def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]
     the engines have loaded them, as the staging directories would."""
     import ray
 
-    gather = transfer = 0.0
-    nbytes = 0
-    refs = []
-    it = iter(buckets)
-    while True:
-        t0 = time.perf_counter()
-        bucket = next(it, None)
-        t1 = time.perf_counter()
-        gather += t1 - t0
-        if bucket is None:
-            break
-        blob = serialize_bucket(bucket, aliases)
-        nbytes += blob.nbytes
-        refs.append(ray.put(blob))
-        del blob, bucket
-        transfer += time.perf_counter() - t1
-    if not refs:
-        raise WeightSyncError("the policy yielded no weights to send to the engines")
+    m = {"gather_s": 0.0, "bytes": 0.0, "buckets": 0.0}
+    started = time.perf_counter()
+    refs = list(put_buckets(buckets, aliases, m))
+    transfer = time.perf_counter() - started - m["gather_s"]
     t2 = time.perf_counter()
     ray.get([a.load_weight_blobs.remote(*refs) for a in pool.actors])
     load = time.perf_counter() - t2
     nodes = len({info.get("node_id") or id(a) for a, info in zip(pool.actors, pool.infos, strict=True)})
-    return {"gather_s": gather, "transfer_s": transfer, "load_s": load, "bytes": float(nbytes), "buckets": float(len(refs)),
-            "nodes": float(nodes)}
+    return m | {"transfer_s": transfer, "load_s": load, "nodes": float(nodes)}
+
+
+def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None, m: dict) -> Iterator:
+    """Each bucket serialised (:func:`serialize_bucket`) and put in Ray's object store, as it comes:
+    yields the object refs; adds to ``m`` the time spent waiting for the buckets (``gather_s``), their
+    ``bytes`` and their count (``buckets``). Raises when ``buckets`` yields none."""
+    import ray
+
+    it = iter(buckets)
+    while True:
+        t0 = time.perf_counter()
+        bucket = next(it, None)
+        m["gather_s"] += time.perf_counter() - t0
+        if bucket is None:
+            break
+        blob = serialize_bucket(bucket, aliases)
+        m["bytes"] += blob.nbytes
+        m["buckets"] += 1
+        ref = ray.put(blob)
+        del blob, bucket
+        yield ref
+    if not m["buckets"]:
+        raise WeightSyncError("the policy yielded no weights to send to the engines")
 
 
 def loads_in_memory(pool) -> bool:
