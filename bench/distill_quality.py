@@ -359,12 +359,9 @@ def kept_runs(saved: dict, redo: set) -> list[dict]:
         r = {"student": "scratch", "teacher_accuracy": saved.get("teacher_accuracy"), "global_batch_size": 16} | r
         if (r["student"], r["n"], r["seed"], r["variant"]) in redo:
             continue
-        if "source" in r:
-            pass
-        elif "run_at" in r:
-            r["source"] = f"an earlier invocation of this bench ({r['run_at'][:10]}, runner: {r.get('runner')})"
-        else:
-            r["source"] = f"bench/results/distill_quality.json of commit {commit}, runner: {saved.get('runner')}"
+        if "source" not in r:
+            r["source"] = (f"an earlier invocation of this bench ({r['run_at'][:10]}, runner: {r.get('runner')})" if "run_at" in r
+                           else f"bench/results/distill_quality.json of commit {commit}, runner: {saved.get('runner')}")
         out.append(r)
     return out
 

@@ -252,8 +252,7 @@ def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]
     t2 = time.perf_counter()
     ray.get([a.load_weight_blobs.remote(*refs) for a in pool.actors])
     load = time.perf_counter() - t2
-    nodes = len({info.get("node_id") or id(a) for a, info in zip(pool.actors, pool.infos, strict=True)})
-    return m | {"transfer_s": transfer, "load_s": load, "nodes": float(nodes)}
+    return m | {"transfer_s": transfer, "load_s": load, "nodes": float(len(pool.node_writers()))}
 
 
 def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None, m: dict) -> Iterator:
