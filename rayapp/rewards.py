@@ -67,7 +67,46 @@ def length(completion: str, row: dict, target: int = 40, scale: int = 40) -> flo
     return max(0.0, 1.0 - abs(len(completion) - target) / scale)
 
 
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_match, "length": length}
+_CHAIN = re.compile(r"-?\d+(?:\s*[-+*x]\s*-?\d+)+")
+_TERM = re.compile(r"([-+*x])\s*(-?\d+)")
+_EQUATION = re.compile(r"(-?\d+)\s*([-+*x])\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def chain_steps(completion: str, row: dict, key: str = "prompt") -> float:
+    """Process reward for an arithmetic chain question ("4 - 1 - 7 ="): the fraction of its steps
+    that ``completion`` works out right, in order, before its first wrong one. The expected steps
+    fold the last chain of ``row[key]`` (the rendered prompt by default) left to right ("4 - 1 = 3",
+    then "3 - 7 = -4"); the completion's equations "a op b = c" are compared with them one by one.
+    A denser signal than :func:`exact_match` (a chain right up to its last step earns part of the
+    reward) that cannot be earned by equations unrelated to the question. 0.0 when ``row[key]``
+    holds no chain of two or more terms."""
+    if key not in row:
+        raise RewardConfigError(f"reward 'chain_steps' needs the prompt rows to carry '{key}' (found keys: {', '.join(sorted(row)) or 'none'})")
+    chains = _CHAIN.findall(str(row[key]))
+    if not chains:
+        return 0.0
+    chain = chains[-1]
+    acc = int(re.match(r"-?\d+", chain).group())
+    expected = []
+    for op, term in _TERM.findall(chain[len(str(acc)):]):
+        nxt = _apply(acc, op, int(term))
+        expected.append((acc, op, int(term), nxt))
+        acc = nxt
+    got = [(int(a), op, int(b), int(c)) for a, op, b, c in _EQUATION.findall(completion)]
+    right = 0
+    for want, have in zip(expected, got, strict=False):  # a short completion has fewer steps
+        if want != have:
+            break
+        right += 1
+    return right / len(expected)
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "chain_steps": chain_steps, "format": format_match,
+                                         "length": length}
 
 
 def load_reward_function(name: str, where: str = "rl.rewards") -> RewardFn:

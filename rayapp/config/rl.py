@@ -55,7 +55,7 @@ class RewardSpec(StrictModel):
 
     function: str = Field(
         "exact_match",
-        description="A built-in reward ('exact_match', 'format', 'length') or a user function 'package.module:function' "
+        description="A built-in reward ('exact_match', 'chain_steps', 'format', 'length') or a user function 'package.module:function' "
         "called as f(completion: str, row: dict, **args) -> float.",
     )
     weight: float = Field(1.0, description="Multiplier of this term in the summed reward.")

@@ -10,6 +10,7 @@ from rayapp.config.rl import RewardSpec
 from rayapp.rewards import (
     RewardConfigError,
     build_reward,
+    chain_steps,
     exact_match,
     extract_answer,
     format_match,
@@ -37,6 +38,22 @@ def test_exact_match_compares_numbers_as_numbers():
 def test_exact_match_names_the_missing_field():
     with pytest.raises(RewardConfigError, match="'answer'.*found keys: label, prompt"):
         exact_match("the answer is 1", {"label": "1", "prompt": "q"})
+
+
+def test_chain_steps_credits_the_right_steps_before_the_first_wrong_one():
+    row = {"prompt": "4 - 1 - 7 ="}
+    assert chain_steps("4 - 1 = 3. 3 - 7 = -4. So the answer is -4.", row) == 1.0
+    assert chain_steps("4 - 1 = 3. 3 - 7 = -5. So the answer is -5.", row) == 0.5
+    assert chain_steps("4 - 1 = 2. 2 - 7 = -5.", row) == 0.0  # the second step follows from a wrong first
+    assert chain_steps("1 + 1 = 2. 3 - 7 = -4.", row) == 0.0  # equations unrelated to the question earn nothing
+    assert chain_steps("4 - 1 = 3.", row) == 0.5  # a short completion has fewer steps
+    assert chain_steps("So the answer is -4.", row) == 0.0
+    # the prompt's last chain counts (an example before it does not); x and * multiply; negative terms
+    assert chain_steps("2 * 3 = 6. 6 x 4 = 24.", {"prompt": "1 + 1 = 2\nNow: 2 * 3 x 4 ="}) == 1.0
+    assert chain_steps("5 + -2 = 3.", {"prompt": "5 + -2 ="}) == 1.0
+    assert chain_steps("anything", {"prompt": "no chain here"}) == 0.0
+    with pytest.raises(RewardConfigError, match="'question'.*found keys: prompt"):
+        chain_steps("1", {"prompt": "1 + 2 ="}, key="question")
 
 
 def test_format_and_length():
