@@ -13,7 +13,8 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    lr 3e-5 (at lr 1e-4 greedy accuracy stayed flat or drifted down, with groups of 8 or 16: see
    bench/results/rl_iteration.json ``other_runs``) from a vLLM CPU engine at T = 1,
    reward = exact match of the final answer only, updates on 2 Ray Train workers, new weights into
-   the engine after each iteration (``rl.weight_sync: shm``); the held-out set is the job's
+   the engine after each iteration (``rl.weight_sync: shm``: through Ray's object store, loaded
+   in memory by CPU engines whose engine core runs in their actor); the held-out set is the job's
    validation data, so ``eval_reward_exact_match`` (greedy, vLLM) lands in metrics.jsonl at step 0
    (the SFT policy) and every ``--eval-every`` iterations, and the job's report.html plots it.
    Once per seed in ``--seeds`` (train.seed: prompt order, sampling), from the same SFT policy;
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--warmup-ratio", type=float, default=0.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--scale-by-std", type=int, default=1, help="1: GRPO's std normalisation; 0: Dr. GRPO")
+    ap.add_argument("--step-reward", type=float, default=0.0,
+                    help="weight of the chain_steps process reward beside exact match (0: exact match alone)")
     ap.add_argument("--set", nargs="*", default=[], help="extra job overrides (key=value)")
     ap.add_argument("--out", default=None, help="result file (default bench/results/rl_iteration.json)")
     ap.add_argument("--skip-mismatch", action="store_true")
@@ -120,6 +123,7 @@ def main() -> None:
     from rayapp.config import load_job
     from rayapp.runtime import ensure_ray
     from rayapp.teachers.pool import VLLMEnginePool
+    from rayapp.teachers.weight_sync import loads_in_memory
     from rayapp.training import rlhf
 
     work = Path(args.work)
@@ -131,8 +135,11 @@ def main() -> None:
     print(f"SFT: {len(sft_rows)} worked answers ('{sft_rows[0]['input_text']}' -> '{worked_answer(sft_rows[0])}'), "
           f"{args.sft_steps} steps, {sft_s}s", flush=True)
 
+    step = f", {{function: chain_steps, weight: {args.step_reward}}}" if args.step_reward else ""
+    rewards = f"[{{function: exact_match}}{step}]"
+    reward_text = f"exact match + {args.step_reward} x chain_steps" if args.step_reward else "exact-match reward only"
     overrides = [f"model.path={sft_dir}", "model.max_seq_len=128", f"data.train={work / 'rl_train.jsonl'}",
-                 f"data.validation={work / 'test.jsonl'}", "rl.rewards=[{function: exact_match}]", f"rl.kl_coeff={args.kl_coeff}",
+                 f"data.validation={work / 'test.jsonl'}", f"rl.rewards={rewards}", f"rl.kl_coeff={args.kl_coeff}",
                  f"rl.update_epochs={args.update_epochs}", f"train.warmup_ratio={args.warmup_ratio}",
                  f"rl.scale_by_std={'true' if args.scale_by_std else 'false'}",
                  f"rl.iterations={args.iterations}", f"rl.prompts_per_iteration={args.prompts_per_iteration}",
@@ -143,6 +150,8 @@ def main() -> None:
     ensure_ray()
     base = load_job(ROOT / "jobs/rlhf_grpo.yaml", overrides)
     pool = VLLMEnginePool(sft_dir, base.engine, name="rollout")  # one engine for every seed and the mismatch check
+    transport = ("shm, in memory (Ray object store -> each engine's actor -> load_weights)" if loads_in_memory(pool)
+                 else "shm, staged (Ray object store -> engine node /dev/shm -> reload_weights)")
     runs = []
     try:
         for seed in args.seeds:
@@ -193,11 +202,11 @@ def main() -> None:
         "tis_capped_mean": sum(r["tis_capped"] for r in it_rows) / len(it_rows),
         "mismatch_at_T0.7": mis,
         "time_split_s": split,
-        "sync_transport": "shm (Ray object store -> engine node /dev/shm -> reload_weights)",
+        "sync_transport": transport,
         "sync_phases_mean": {k: round(v, 4) for k, v in phases.items()},
         "rollouts_per_iteration": args.prompts_per_iteration * args.n,
         "setup": f"tiny Llama (4 layers, hidden 128) SFT {args.sft_steps} steps (lr {args.sft_lr}, batch 16) on {len(sft_rows)} worked "
-                 f"chain_sum answers, then GRPO (exact-match reward only, kl_coeff {args.kl_coeff}, T {args.temperature}, n {args.n}, {args.prompts_per_iteration} "
+                 f"chain_sum answers, then GRPO ({reward_text}, kl_coeff {args.kl_coeff}, T {args.temperature}, n {args.n}, {args.prompts_per_iteration} "
                  f"prompts/iteration, lr {args.lr}, warm-up {args.warmup_ratio}, update_epochs {args.update_epochs}, "
                  f"scale_by_std {bool(args.scale_by_std)}, max_tokens {args.max_tokens}, rl.tis_cap 2{', ' + ', '.join(args.set) if args.set else ''}) on {len(rl_rows)} other questions; 1 vLLM CPU engine, "
                  "2 Ray Train CPU workers, shared 2-core machine",
