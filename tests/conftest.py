@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -170,6 +171,7 @@ def private_head(tmp_path_factory):
 
 
 _TIER = {"unit": 0, "integration": 1, "e2e": 2}
+_FIRST_E2E = pytest.StashKey[str]()  # the first end-to-end test, when no end-to-end test uses ray_cluster
 
 
 def pytest_collection_modifyitems(config, items):
@@ -184,3 +186,18 @@ def pytest_collection_modifyitems(config, items):
         if tier(item) == 1 and "/tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
     items.sort(key=tier)  # stable: each module's tests keep their order
+    e2e = [item for item in items if tier(item) == 2]
+    if e2e and not any("ray_cluster" in getattr(item, "fixturenames", ()) for item in e2e):
+        config.stash[_FIRST_E2E] = e2e[0].nodeid
+
+
+def pytest_runtest_setup(item):
+    """Before the first end-to-end test, stop the session's in-process Ray cluster (no end-to-end
+    test uses it; each starts its own head). What the integration tests left in it — Serve's
+    controller and proxy, Train and Data actors of finished runs — would otherwise share the 2 cores
+    with the end-to-end jobs for the last half hour of the suite."""
+    if item.config.stash.get(_FIRST_E2E, None) == item.nodeid and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
