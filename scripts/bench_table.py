@@ -52,6 +52,9 @@ def second_pairs(name: str, d: dict) -> list[str]:
                 if "ratio" in v and "ideal_ratio" in v]
     if name == "serve_load" and isinstance(d.get("serve"), dict):
         out.append(f"{d.get('clients')} clients, errors {d['serve'].get('errors')}")
+        if isinstance(d.get("direct"), dict) and "latency_p99_s" in d["serve"]:
+            out.append("p50 / p99 latency s: Serve {:.1f} / {:.1f}, direct {:.1f} / {:.1f}".format(
+                d["serve"]["latency_p50_s"], d["serve"]["latency_p99_s"], d["direct"]["latency_p50_s"], d["direct"]["latency_p99_s"]))
     return out
 
 
