@@ -67,7 +67,7 @@ def length(completion: str, row: dict, target: int = 40, scale: int = 40) -> flo
     return max(0.0, 1.0 - abs(len(completion) - target) / scale)
 
 
-_CHAIN = re.compile(r"-?\d+(?:\s*[-+*x]\s*-?\d+)+")
+_CHAIN = re.compile(r"-?\d+(?:\s*[-+*x]\s*-?\d+)+")  # integers only: _NUMBER's leading match is an integer here
 _TERM = re.compile(r"([-+*x])\s*(-?\d+)")
 _EQUATION = re.compile(r"(-?\d+)\s*([-+*x])\s*(-?\d+)\s*=\s*(-?\d+)")
 
@@ -89,10 +89,10 @@ def chain_steps(completion: str, row: dict, key: str = "prompt") -> float:
     chains = _CHAIN.findall(str(row[key]))
     if not chains:
         return 0.0
-    chain = chains[-1]
-    acc = int(re.match(r"-?\d+", chain).group())
+    first = _NUMBER.match(chains[-1])
+    acc = int(first.group())
     expected = []
-    for op, term in _TERM.findall(chain[len(str(acc)):]):
+    for op, term in _TERM.findall(chains[-1][first.end():]):
         nxt = _apply(acc, op, int(term))
         expected.append((acc, op, int(term), nxt))
         acc = nxt

@@ -51,6 +51,7 @@ def test_chain_steps_credits_the_right_steps_before_the_first_wrong_one():
     # the prompt's last chain counts (an example before it does not); x and * multiply; negative terms
     assert chain_steps("2 * 3 = 6. 6 x 4 = 24.", {"prompt": "1 + 1 = 2\nNow: 2 * 3 x 4 ="}) == 1.0
     assert chain_steps("5 + -2 = 3.", {"prompt": "5 + -2 ="}) == 1.0
+    assert chain_steps("-3 - 10 = -13.", {"prompt": "-03 - 10 ="}) == 1.0  # the first term as written
     assert chain_steps("anything", {"prompt": "no chain here"}) == 0.0
     with pytest.raises(RewardConfigError, match="'question'.*found keys: prompt"):
         chain_steps("1", {"prompt": "1 + 2 ="}, key="question")
