@@ -47,10 +47,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per iteration")
     ap.add_argument("--agg", choices=["token", "seq", "const"], default="token")
     ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--work", default=str(ROOT / "outputs" / "bench_rl"),
+                    help="holds sft/teacher/model, rl_train.jsonl and test.jsonl (bench/rl_iteration.py's work directory)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
-    work = ROOT / "outputs" / "bench_rl"
+    work = Path(a.work)
     model_dir = str(work / "sft" / "teacher" / "model")
     tok, lm = load_tokenizer(model_dir), load_causal_lm(model_dir)
     for m in lm.modules():

@@ -1,0 +1,77 @@
+"""How much an RL run could gain from bench/rl_iteration.py's SFT policy: for each number of SFT
+steps, the policy's greedy held-out accuracy beside its sampled accuracy at T = 1 (pass@1, the
+mean over --k samples, which GRPO's reward measures) and pass@k (any of the k right), on the same
+200 held-out chain_sum questions, with transformers' generate in this process (no Ray, no vLLM).
+
+GRPO raises pass@1 towards pass@k; greedy accuracy follows only where the policy's mode is no
+better than its samples. Where greedy is well above pass@1, the first gains of RL go to the sampled
+tail the greedy answer never visits (issue 15's plateau).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/rl_policy_headroom.py --steps 150 250 400
+
+Trains (or reuses, by fingerprint) one SFT policy per step count under --work, as the bench does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from rayapp.models.io import load_causal_lm, load_tokenizer  # noqa: E402
+from rayapp.rewards import exact_match  # noqa: E402
+
+
+def headroom(model_dir: Path, test: list[dict], k: int, batch: int = 50) -> dict:
+    tok, lm = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir)).eval()
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["input_text"]}], tokenize=False, add_generation_prompt=True)
+               for r in test]
+    greedy = pass1 = passk = 0.0
+    for start in range(0, len(test), batch):
+        enc = tok(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        width = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            g = lm.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+            s = lm.generate(**enc, max_new_tokens=32, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                            num_return_sequences=k, pad_token_id=tok.pad_token_id)
+        for i, r in enumerate(test[start : start + batch]):
+            row = {"answer": r["gold"]}
+            greedy += exact_match(tok.decode(g[i, width:], skip_special_tokens=True), row)
+            hits = [exact_match(tok.decode(s[i * k + j, width:], skip_special_tokens=True), row) for j in range(k)]
+            pass1 += sum(hits) / k
+            passk += max(hits)
+    n = len(test)
+    return {"greedy": greedy / n, "pass1_T1": pass1 / n, f"pass{k}_T1": passk / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, nargs="+", default=[150, 250, 400], help="SFT steps of each policy")
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--k", type=int, default=16, help="samples per question (bench/rl_iteration.py's group size)")
+    ap.add_argument("--work", default=str(ROOT / "outputs" / "rl_headroom"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from distill_quality import train_teacher
+    from rl_iteration import make_sets
+
+    sft, _, test = make_sets(1000, 1000, 200)
+    print(f"{'SFT steps':>9} {'greedy':>7} {'pass@1 T=1':>10} {f'pass@{args.k} T=1':>11}")
+    for steps in args.steps:
+        model_dir, _ = train_teacher(sft, Path(args.work) / f"sft{steps}", "tiny:layers=4,hidden=128", steps, args.sft_lr, seed=0)
+        torch.manual_seed(0)  # the samples
+        h = headroom(model_dir, test, args.k)
+        print(f"{steps:>9} {h['greedy']:>7.3f} {h['pass1_T1']:>10.3f} {h[f'pass{args.k}_T1']:>11.3f}", flush=True)
+        print(json.dumps({"sft_steps": steps, **h}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
