@@ -32,7 +32,7 @@ demo: setup
 	@$(BIN)/rayapp run jobs/demo.yaml
 
 # The whole suite (unit, integration, end to end: job submission, worker-kill recovery, the reward
-# endpoint, deploy after training, the full-size demo); 72-80 minutes on 2 cores (tests/README.md).
+# endpoint, deploy after training, the full-size demo); 53-80 minutes on 2 cores, 75 in CI (tests/README.md).
 test: setup
 	$(BIN)/python -m pytest tests -q --durations=40
 
