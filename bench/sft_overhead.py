@@ -205,7 +205,6 @@ def main() -> None:
         "recipe_in_process_ratio": local_ratio, "ratio": ratio, "target": 0.95,
         "rounds": rounds, "other_runs": other,
     }
-    out = ROOT / "bench" / "results" / "sft_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -27,16 +27,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from rayapp.models.io import load_causal_lm, load_tokenizer  # noqa: E402
 from rayapp.rewards import exact_match  # noqa: E402
+from rayapp.training.rlhf_rollout import prompt_token_ids  # noqa: E402
 
 
 def headroom(model_dir: Path, test: list[dict], k: int, batch: int = 50) -> dict:
     tok, lm = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir)).eval()
     tok.padding_side = "left"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": r["input_text"]}], tokenize=False, add_generation_prompt=True)
-               for r in test]
+    prompts = [prompt_token_ids(tok, [{"role": "user", "content": r["input_text"]}]) for r in test]  # as the engine sees them
     greedy = pass1 = passk = 0.0
     for start in range(0, len(test), batch):
-        enc = tok(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok.pad({"input_ids": prompts[start : start + batch]}, return_tensors="pt")
         width = enc["input_ids"].shape[1]
         with torch.no_grad():
             g = lm.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
