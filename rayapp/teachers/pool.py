@@ -256,23 +256,18 @@ class LocalEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
-    def load_weight_blobs(self, *blobs) -> float:
-        """Load the buckets ``blobs`` (each the bytes of a safetensors file, as
-        weight_sync.serialize_bucket writes them; passed as object refs, Ray resolves them from this
-        node's object store) straight into the engine: no staging files. Only for an engine whose
-        core runs in this process (``core_in_process``)."""
-        from safetensors.torch import load
+    def load_weight_arrays(self, *buckets) -> float:
+        """Load ``buckets`` (each a list of (names, dtype, array) as weight_sync.pack_bucket makes
+        them; passed as object refs, Ray resolves them from this node's object store without a
+        copy) straight into the engine: no staging files. Only for an engine whose core runs in
+        this process (``core_in_process``)."""
+        from rayapp.teachers.weight_sync import unpack_buckets
 
         if not self.core_in_process:
-            raise RuntimeError("load_weight_blobs needs the engine core in this process (a CPU engine with "
+            raise RuntimeError("load_weight_arrays needs the engine core in this process (a CPU engine with "
                                "VLLM_ENABLE_V1_MULTIPROCESSING=0); stage the weights and reload_staged instead")
         started = time.perf_counter()
-
-        def tensors():
-            for blob in blobs:
-                yield from load(memoryview(blob).tobytes()).items()
-
-        self.llm.collective_rpc("rayapp_load_weights", args=(tensors(),))
+        self.llm.collective_rpc("rayapp_load_weights", args=(unpack_buckets(buckets),))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 

@@ -16,8 +16,8 @@ head left out (``policy_of``). Every rank calls ``push`` (the gathers are collec
   nothing assumes a filesystem the trainer and the engines share. Tensors never travel as RPC
   arguments to another process (through ``collective_rpc`` on CPU they arrive as lists). Where every
   engine runs its engine core in its actor's own process (CPU engines, ``teachers.pool.engine_env``),
-  :func:`send_buckets_in_memory` skips the files: each engine loads the buckets from its node's
-  object store in one call.
+  :func:`send_buckets_in_memory` skips the files and safetensors: each bucket goes in as numpy
+  arrays and each engine loads them from its node's object store, without a copy, in one call.
 - ``nccl`` — :class:`NcclSync` (GPU engines): vLLM's weight-transfer engine
   (``NCCLTrainerWeightTransferEngine``): trainer rank 0 is NCCL rank 0, each engine's workers join
   the group at their own rank offset, and the parameters are broadcast in packed buffers straight
@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from rayapp.errors import UserError
@@ -239,28 +240,32 @@ def send_buckets(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliase
 
 def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None = None) -> dict:
     """``send_buckets`` for engines whose engine core runs in the engine actor's own process (CPU
-    engines): every bucket goes into Ray's object store and each engine loads them all from its
-    node's copy in one call (``load_weight_blobs``), in memory: no staging files, no second call to
-    reload, none to clean up. The object store holds one copy of the weights per engine node until
-    the engines have loaded them, as the staging directories would."""
+    engines): every bucket goes into Ray's object store as arrays (:func:`pack_bucket`: one copy in,
+    none out) and each engine loads them all from its node's copy in one call
+    (``load_weight_arrays``), in memory: no staging files, no second call to reload, none to clean
+    up. The object store holds one copy of the weights per engine node until the engines have
+    loaded them, as the staging directories would."""
     import ray
 
     m = {"gather_s": 0.0, "bytes": 0.0, "buckets": 0.0}
     started = time.perf_counter()
-    refs = list(put_buckets(buckets, aliases, m))
+    refs = list(put_buckets(buckets, aliases, m, pack_bucket))
     transfer = time.perf_counter() - started - m["gather_s"]
     t2 = time.perf_counter()
-    ray.get([a.load_weight_blobs.remote(*refs) for a in pool.actors])
+    ray.get([a.load_weight_arrays.remote(*refs) for a in pool.actors])
     load = time.perf_counter() - t2
     return m | {"transfer_s": transfer, "load_s": load, "nodes": float(len(pool.node_writers()))}
 
 
-def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None, m: dict) -> Iterator:
-    """Each bucket serialised (:func:`serialize_bucket`) and put in Ray's object store, as it comes:
-    yields the object refs; adds to ``m`` the time spent waiting for the buckets (``gather_s``), their
-    ``bytes`` and their count (``buckets``). Raises when ``buckets`` yields none."""
+def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None, m: dict,
+                serialize=None) -> Iterator:
+    """Each bucket serialised (``serialize``: :func:`serialize_bucket` unless given) and put in
+    Ray's object store, as it comes: yields the object refs; adds to ``m`` the time spent waiting
+    for the buckets (``gather_s``), their ``bytes`` and their count (``buckets``). Raises when
+    ``buckets`` yields none."""
     import ray
 
+    serialize = serialize or serialize_bucket
     it = iter(buckets)
     while True:
         t0 = time.perf_counter()
@@ -268,14 +273,43 @@ def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict
         m["gather_s"] += time.perf_counter() - t0
         if bucket is None:
             break
-        blob = serialize_bucket(bucket, aliases)
-        m["bytes"] += blob.nbytes
+        blob = serialize(bucket, aliases)
+        m["bytes"] += blob.nbytes if hasattr(blob, "nbytes") else sum(a.nbytes for _, _, a in blob)
         m["buckets"] += 1
         ref = ray.put(blob)
         del blob, bucket
         yield ref
     if not m["buckets"]:
         raise WeightSyncError("the policy yielded no weights to send to the engines")
+
+
+def pack_bucket(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]] | None = None) -> list[tuple[tuple[str, ...], str, np.ndarray]]:
+    """One bucket as ``(names, dtype, array)`` triples for an in-memory load: each tensor's bytes as
+    a numpy array (bfloat16 viewed as int16, which numpy lacks), under its own name and its tied
+    ones. Ray puts numpy arrays out of band, so ``ray.put`` copies each tensor once into the object
+    store and the engine reads it there without a copy (:func:`unpack_buckets`); a safetensors blob
+    cost two more copies on each side (5.7 ms to serialise 4 MB here against 0.3 ms)."""
+    packed = []
+    for name, t in bucket:
+        t = t.detach().to("cpu").contiguous()
+        array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        packed.append(((name, *(aliases or {}).get(name, ())), str(t.dtype).removeprefix("torch."), array))
+    return packed
+
+
+def unpack_buckets(packed: Iterable[list[tuple[tuple[str, ...], str, np.ndarray]]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of buckets made by :func:`pack_bucket`, each tensor a view of its array
+    (read-only in the object store: the engine's weight loaders copy out of it, never into it)."""
+    import warnings
+
+    for bucket in packed:
+        for names, dtype, array in bucket:
+            with warnings.catch_warnings():  # "the given NumPy array is not writable": it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(array)
+            t = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+            for name in names:
+                yield name, t
 
 
 def loads_in_memory(pool) -> bool:

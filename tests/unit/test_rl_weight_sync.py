@@ -86,6 +86,22 @@ def test_serialized_bucket_is_a_safetensors_file_with_the_tied_names(tiny_lm):
     assert set(load(ws.serialize_bucket(list(state.items())).tobytes())) == set(tiny_lm.state_dict())
 
 
+def test_packed_bucket_round_trips_every_dtype_and_the_tied_names(tiny_lm):
+    import pickle
+
+    bucket = next(ws.full_buckets(tiny_lm, ws.DEFAULT_BUCKET_BYTES))
+    bucket += [("b16", torch.tensor([1.5, -2.25], dtype=torch.bfloat16)), ("step", torch.tensor([3], dtype=torch.int64)),
+               ("strided", torch.arange(12.0).reshape(3, 4).t())]
+    packed = ws.pack_bucket(bucket, ws.tied_aliases(tiny_lm))
+    # through pickle protocol 5, as Ray's object store moves it: the arrays travel as they are
+    got = dict(ws.unpack_buckets([pickle.loads(pickle.dumps(packed, protocol=5))]))
+    assert set(got) == {n for n, _ in bucket} | {"lm_head.weight"}
+    for name, t in bucket:
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    torch.testing.assert_close(got["lm_head.weight"], tiny_lm.state_dict()["model.embed_tokens.weight"])
+    assert sum(a.nbytes for _, _, a in packed) == sum(t.numel() * t.element_size() for _, t in bucket)  # tied: sent once
+
+
 def test_staging_writes_whole_files_and_drops_them(tmp_path, monkeypatch):
     monkeypatch.setattr(ws.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(ws.os.path, "isdir", lambda p: False)  # as on a node without /dev/shm
