@@ -27,14 +27,17 @@ def plot_curves(rows: list[dict], series: dict[str, str], out_png: Path, title: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    drawn = 0
+    drawn: dict[tuple, object] = {}  # points -> line: a series equal to one drawn joins its label
     for key, label in series.items():
         pts = [(r["step"], r[key]) for r in rows if key in r and r.get(key) is not None]
         if not pts:
             continue
+        if tuple(pts) in drawn:
+            line = drawn[tuple(pts)]
+            line.set_label(f"{line.get_label()} = {label}")
+            continue
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
-        drawn += 1
+        (drawn[tuple(pts)],) = ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
     if not drawn:
         plt.close(fig)
         return None
