@@ -14,7 +14,7 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    that temperature). The temperature is what matters: this policy answers greedily (~0.29) far
    better than its T = 1 samples do (pass@1 ~0.17, scripts/rl_policy_headroom.py), so at T = 1 the
    gains go to a sampled tail the greedy answer never visits and greedy accuracy stays flat (ratio
-   0.99-1.23 over five runs, bench/results/rl_iteration.json ``other_runs``); sampled near the mode,
+   0.97-1.23 over five runs, bench/results/rl_iteration.json ``other_runs``); sampled near the mode,
    the groups compare the answers greedy decoding chooses between (scripts/rl_reference_grpo.py,
    no Ray: T 1 -> 0.305, T 0.5 -> 0.42, T 0.3 -> 0.43 after 100 iterations);
    reward = exact match of the final answer only, updates on 2 Ray Train workers, new weights into
