@@ -11,8 +11,8 @@ So the answer is -4."), RL prompts (answer only, no worked answer), and ``--test
    questions right, most not;
 2. GRPO from it (jobs/rlhf_grpo.yaml, ``kind: rlhf``): 32 prompts x 8 samples per iteration,
    one optimizer step per iteration at lr 5e-5, from a vLLM CPU engine at T = 0.5 (log-probs at
-   that temperature). The temperature is what matters: this policy answers greedily (~0.29) far
-   better than its T = 1 samples do (pass@1 ~0.17, scripts/rl_policy_headroom.py), so at T = 1 the
+   that temperature). The temperature is what matters: this policy answers greedily (~0.3) far
+   better than its T = 1 samples do (pass@1 ~0.2, scripts/rl_policy_headroom.py), so at T = 1 the
    gains go to a sampled tail the greedy answer never visits and greedy accuracy stays flat (ratio
    0.97-1.23 over five runs, bench/results/rl_iteration.json ``other_runs``); sampled near the mode,
    the groups compare the answers greedy decoding chooses between (scripts/rl_reference_grpo.py,
@@ -152,7 +152,7 @@ def main() -> None:
                  f"rl.eval_prompts={args.test}", f"sampling={{temperature: {args.temperature}, max_tokens: {args.max_tokens}, n: {args.n}}}",
                  f"train.learning_rate={args.lr}", f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.iterations}",
                  f"train.global_batch_size={args.prompts_per_iteration * args.n // args.steps_per_iteration}",
-                 f"train.micro_batch_size={args.prompts_per_iteration * args.n // 4}", *args.set]
+                 f"train.micro_batch_size={args.prompts_per_iteration * args.n // args.steps_per_iteration // 4}", *args.set]
     ensure_ray()
     base = load_job(ROOT / "jobs/rlhf_grpo.yaml", overrides)
     pool = VLLMEnginePool(sft_dir, base.engine, name="rollout")  # one engine for every seed and the mismatch check

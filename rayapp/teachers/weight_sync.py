@@ -258,14 +258,13 @@ def send_buckets_in_memory(pool, buckets: Iterable[list[tuple[str, torch.Tensor]
 
 
 def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict[str, list[str]] | None, m: dict,
-                serialize=None) -> Iterator:
-    """Each bucket serialised (``serialize``: :func:`serialize_bucket` unless given) and put in
+                serialize=serialize_bucket) -> Iterator:
+    """Each bucket serialised (``serialize``: a safetensors blob unless given) and put in
     Ray's object store, as it comes: yields the object refs; adds to ``m`` the time spent waiting
     for the buckets (``gather_s``), their ``bytes`` and their count (``buckets``). Raises when
     ``buckets`` yields none."""
     import ray
 
-    serialize = serialize or serialize_bucket
     it = iter(buckets)
     while True:
         t0 = time.perf_counter()
@@ -273,8 +272,8 @@ def put_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], aliases: dict
         m["gather_s"] += time.perf_counter() - t0
         if bucket is None:
             break
+        m["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)  # the tensors' own bytes, either form
         blob = serialize(bucket, aliases)
-        m["bytes"] += blob.nbytes if hasattr(blob, "nbytes") else sum(a.nbytes for _, _, a in blob)
         m["buckets"] += 1
         ref = ray.put(blob)
         del blob, bucket
