@@ -125,8 +125,10 @@ def _wait_for_the_killed_job_to_stop(out: Path, timeout: float = 120) -> None:
     """A SIGKILLed driver's Ray workers live on until the cluster notices the driver is gone, and
     until then a replica may still commit a part (CI once counted 64 rows here and the re-run found
     80). Wait until every replica that wrote a part has exited and the committed parts have stayed
-    the same for 5 s. (The embedded cluster has no dashboard, hence no State API to ask.)"""
+    the same for 5 s; a part still being written counts as a writer alive. (The embedded cluster has
+    no dashboard, hence no State API to ask.)"""
     import psutil
+    import pyarrow as pa
 
     deadline = time.time() + timeout
     seen, since = None, time.time()
@@ -134,7 +136,12 @@ def _wait_for_the_killed_job_to_stop(out: Path, timeout: float = 120) -> None:
         parts = [p.name for p in _committed(out)]
         if parts != seen:
             seen, since = parts, time.time()
-        pids = {int(r.split(":")[1]) for r in _replicas(out)}
+        try:
+            pids = {int(r.split(":")[1]) for r in _replicas(out)}
+        except pa.ArrowInvalid:  # a part still being written (no footer yet): its writer lives
+            since = time.time()
+            time.sleep(0.5)
+            continue
         if not any(psutil.pid_exists(pid) for pid in pids) and time.time() - since >= 5:
             return
         time.sleep(0.5)
