@@ -22,9 +22,12 @@ Two kinds of student (STUDENTS, ``--students``), each in its variants (VARIANTS)
 
 - ``demo``, the demo's students (jobs/demo.yaml ``student_sbs`` / ``student_std``): the teacher's
   layers 0, 1 and 3 (``student.init: from_teacher_layers``, ``layers: [0, 1, 3]``), 32 questions
-  a step (step-by-step: 64 examples, each question asked both tasks), learning rate 1e-3, 1000
-  steps unless ``--steps``; step-by-step with ``rationale_weight: 0.2`` against standard
+  a step (step-by-step: 64 examples, each question asked both tasks), learning rate 1e-3, 16 passes
+  over the N questions unless ``--steps`` (125 steps at N = 250 ... 1000 at N = 2000, the demo's
+  own steps at about its size); step-by-step with ``rationale_weight: 0.2`` against standard
   fine-tuning (``rationale_weight: 0``). The headline ``ratio`` is about this student.
+- ``demo_fixed_steps``: the same students at 1000 steps whatever N (the earlier protocol: 128 passes
+  over 250 questions, where both students over-train and fall to ~0.1).
 - ``teacher_layers``, the demo's students before they kept layer 1 too: the teacher's layers 0
   and 3 (``keep_every: 3``), otherwise the same recipe.
 - ``scratch``: the locally built 2-layer Llama with random weights (``--model``), 16 examples a
@@ -45,7 +48,7 @@ smallest N for the demo student, "target": 1.2, ...}), bench/results/distill_qua
 and distill_quality.html.
 
     .venv/bin/python bench/distill_quality.py [--sizes 250 500 1000 2000] [--seeds 0 1 2]
-        [--students scratch teacher_layers demo] [--steps 200] [--merge] [--teacher model|oracle]
+        [--students scratch teacher_layers demo demo_fixed_steps] [--steps 200] [--merge] [--teacher model|oracle]
         [--teacher-model tiny:layers=4,hidden=256] [--teacher-steps 2000] [--model tiny | DIR] [--ray]
 """
 
@@ -176,8 +179,14 @@ class Student:
     questions_per_step: int
     both_tasks: bool  # step-by-step steps hold each question twice (predict + explain), as the paper batches them
     learning_rate: float
-    default_steps: int  # optimizer steps unless --steps says otherwise
+    default_steps: int  # optimizer steps unless --steps or epochs says otherwise
     max_seq_len: int
+    # passes over the N questions: steps = epochs * N / questions_per_step, so every N is trained alike
+    # (None: default_steps at every N, whatever N is)
+    epochs: float | None = None
+
+    def steps(self, n: int) -> int:
+        return max(1, round(self.epochs * n / self.questions_per_step)) if self.epochs else self.default_steps
 
 
 STUDENTS = {
@@ -188,10 +197,15 @@ STUDENTS = {
     "teacher_layers": Student("teacher's layers 0 and 3 (from_teacher_layers, keep_every 3)",
                               {"init": "from_teacher_layers", "keep_every": 3},
                               {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96),
-    # jobs/demo.yaml student_sbs / student_std
-    "demo": Student("teacher's layers 0, 1 and 3 (from_teacher_layers, the demo's students)",
+    # jobs/demo.yaml student_sbs / student_std, 16 passes over the data at every N: 1000 steps at N = 2000, the
+    # demo's own steps and size (its ~1700 kept rows get ~19 passes)
+    "demo": Student("the demo's students (teacher's layers 0, 1, 3), 16 passes",
                     {"init": "from_teacher_layers", "layers": [0, 1, 3]},
-                    {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96),
+                    {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96, epochs=16),
+    # the same students at the demo's 1000 steps at every N (the earlier protocol: 128 passes at N = 250)
+    "demo_fixed_steps": Student("the demo's students (layers 0, 1, 3), 1000 steps at any N",
+                                {"init": "from_teacher_layers", "layers": [0, 1, 3]},
+                                {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96),
 }
 HEADLINE = "demo"  # the headline ratio is about the student the demo uses
 
@@ -276,9 +290,12 @@ def student_note(results: list[dict], student: str) -> str:
     batches = sorted({r.get("global_batch_size", 16) for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     kept = " (earlier run, kept)" if any("source" in r for r in runs) else ""
-    default = STUDENTS[student].default_steps
-    if any(s != default for s in steps):
-        kept += f" (its recipe's default: {default} steps)"
+    st = STUDENTS[student]
+    if st.epochs:
+        if any(r["steps"] != st.steps(r["n"]) for r in runs):
+            kept += f" (its recipe's default: {st.epochs:g} passes over the N questions)"
+    elif any(s != st.default_steps for s in steps):
+        kept += f" (its recipe's default: {st.default_steps} steps)"
     return f"{'/'.join(map(str, steps))} steps x {'/'.join(map(str, batches))} examples, seeds {seeds}{kept}"
 
 
@@ -423,9 +440,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000])
     ap.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
                     help="scratch: 2-layer tiny from random weights; teacher_layers: the teacher's layers 0 and 3, the demo's earlier students; "
-                         "demo: the teacher's layers 0, 1 and 3, the demo's students")
+                         "demo: the teacher's layers 0, 1 and 3, the demo's students, 16 passes over the data; "
+                         "demo_fixed_steps: the same at 1000 steps whatever N")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every student (default: each student's own, "
-                    + ", ".join(f"{k} {v.default_steps}" for k, v in STUDENTS.items()) + ")")
+                    + ", ".join(f"{k} {f'{v.epochs:g} passes over the data' if v.epochs else v.default_steps}"
+                              for k, v in STUDENTS.items()) + ")")
     ap.add_argument("--model", default="tiny", help="the scratch student's start: 'tiny', 'tiny:layers=4,hidden=256', or a directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teacher", choices=["model", "oracle"], default="model",
@@ -448,7 +467,7 @@ def main() -> None:
         write_results(saved, saved["runs"])
         print_table(saved)
         return
-    if args.teacher == "oracle" and {"teacher_layers", "demo"} & set(args.students):
+    if args.teacher == "oracle" and {"teacher_layers", "demo", "demo_fixed_steps"} & set(args.students):
         raise SystemExit("--teacher oracle has no teacher model to build the teacher_layers or demo student from; "
                          "pass --students scratch or --teacher model")
     if max(args.sizes) > args.pool:
@@ -523,7 +542,7 @@ def main() -> None:
             teacher_file = work / f"teacher_n{n}_s{seed}.jsonl"
             write_jsonl_atomic(teacher_file, [rows[i] for i in order[:n]])
             for student in args.students:
-                steps = args.steps or STUDENTS[student].default_steps
+                steps = args.steps or STUDENTS[student].steps(n)
                 for variant, rw in STUDENTS[student].variants.items():
                     out = work / f"n{n}_{student}_{variant}_s{seed}"
                     cfg = load_job_dict(job(out, teacher_file, teacher_dir, student, variant, steps, seed, 2 if args.ray else 1,
