@@ -202,11 +202,10 @@ STUDENTS = {
     "demo": Student("the demo's students (teacher's layers 0, 1, 3), 16 passes",
                     {"init": "from_teacher_layers", "layers": [0, 1, 3]},
                     {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96, epochs=16),
-    # the same students at the demo's 1000 steps at every N (the earlier protocol: 128 passes at N = 250)
-    "demo_fixed_steps": Student("the demo's students (layers 0, 1, 3), 1000 steps at any N",
-                                {"init": "from_teacher_layers", "layers": [0, 1, 3]},
-                                {"step_by_step": 0.2, "standard": 0.0}, 32, True, 1e-3, 1000, 96),
 }
+# the same students at the demo's 1000 steps at every N (the earlier protocol: 128 passes at N = 250)
+STUDENTS["demo_fixed_steps"] = dataclasses.replace(STUDENTS["demo"], label="the demo's students (layers 0, 1, 3), 1000 steps at any N",
+                                                   epochs=None)
 HEADLINE = "demo"  # the headline ratio is about the student the demo uses
 
 
@@ -291,11 +290,8 @@ def student_note(results: list[dict], student: str) -> str:
     seeds = sorted({r["seed"] for r in runs})
     kept = " (earlier run, kept)" if any("source" in r for r in runs) else ""
     st = STUDENTS[student]
-    if st.epochs:
-        if any(r["steps"] != st.steps(r["n"]) for r in runs):
-            kept += f" (its recipe's default: {st.epochs:g} passes over the N questions)"
-    elif any(s != st.default_steps for s in steps):
-        kept += f" (its recipe's default: {st.default_steps} steps)"
+    if any(r["steps"] != st.steps(r["n"]) for r in runs):
+        kept += f" (its recipe's default: {f'{st.epochs:g} passes over the N questions' if st.epochs else f'{st.default_steps} steps'})"
     return f"{'/'.join(map(str, steps))} steps x {'/'.join(map(str, batches))} examples, seeds {seeds}{kept}"
 
 
@@ -467,8 +463,9 @@ def main() -> None:
         write_results(saved, saved["runs"])
         print_table(saved)
         return
-    if args.teacher == "oracle" and {"teacher_layers", "demo", "demo_fixed_steps"} & set(args.students):
-        raise SystemExit("--teacher oracle has no teacher model to build the teacher_layers or demo student from; "
+    from_teacher = [s for s in args.students if STUDENTS[s].student["init"] == "from_teacher_layers"]
+    if args.teacher == "oracle" and from_teacher:
+        raise SystemExit(f"--teacher oracle has no teacher model to build the {', '.join(from_teacher)} student(s) from; "
                          "pass --students scratch or --teacher model")
     if max(args.sizes) > args.pool:
         raise SystemExit(f"--sizes up to {max(args.sizes)} need --pool >= {max(args.sizes)} (found {args.pool})")
