@@ -47,6 +47,8 @@ def second_pairs(name: str, d: dict) -> list[str]:
         out.append(f"the recipe in process, no Ray: {d['recipe_in_process_ratio']:.2f}")
     if name == "vs_trl" and isinstance(d.get("sft"), dict) and "ratio_rayapp_over_trl_tokens_per_s" in d["sft"]:
         out.append(f"SFT tokens/s rayapp / `SFTTrainer`: {d['sft']['ratio_rayapp_over_trl_tokens_per_s']:.2f} (>= {d['sft'].get('goal', 1.0)})")
+    if name == "vs_trl" and isinstance(d.get("smollm2_grpo"), dict) and "ratio" in d["smollm2_grpo"]:
+        out.append(f"GRPO with SmolLM2-135M as the policy: {d['smollm2_grpo']['ratio']:.2f}")
     if name == "packing" and isinstance(d.get("datasets"), dict):
         out += [f"{k}: {v['ratio']:.2f} (padding removed allows {v['ideal_ratio']:.2f})" for k, v in d["datasets"].items()
                 if "ratio" in v and "ideal_ratio" in v]

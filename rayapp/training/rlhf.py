@@ -37,6 +37,7 @@ Then the shared ending: eval.json, report.html, deploy if asked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -47,6 +48,7 @@ from typing import Any
 
 from rayapp.training.launch import launch, worker_context
 from rayapp.training.outputs import export_model, finish, prepare_output
+from rayapp.training.rlhf_rollout import logits_kwargs, mixed_groups, response_window, takes_logits_to_keep
 
 SERIES_PLOTS = {
     "reward": {"reward_mean": "mean reward", "eval_reward": "greedy eval reward",
@@ -85,7 +87,7 @@ class PolicyUpdate:
     algo: Any  # rayapp.algorithms.rl.RLAlgorithm
     model: Any  # the policy (a CausalLMWithValueHead when the algorithm has a critic), wrapped for DDP
     opt: Any  # rayapp.training.loop.Optimization
-    ref: Any = None  # batch -> the frozen reference's logits; None when rl.kl_coeff is 0
+    ref: Any = None  # batch -> the frozen reference's logits (of the last batch["logits_to_keep"] positions when set); None when rl.kl_coeff is 0
     world: int = 1
     device: Any = "cpu"
 
@@ -94,11 +96,16 @@ class PolicyUpdate:
         """The rollouts' sampling temperature: every log-prob of the update is taken at it."""
         return self.cfg.sampling.temperature
 
+    @functools.cached_property
+    def crops_logits(self) -> bool:
+        """Whether the LM head runs at response positions only (rlhf_rollout.response_window)."""
+        return not self.algo.critic and takes_logits_to_keep(self.model)
+
     def forward(self, batch):
-        """(logits, values (B, T) from the critic, or None)."""
+        """(logits (of the last ``logits_to_keep`` positions when set), values (B, T) from the critic, or None)."""
         if self.algo.critic:
             return self.model(batch["input_ids"], batch["attention_mask"])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **logits_kwargs(batch)).logits, None
 
 
 def group_advantages(rollouts: list[dict], cfg, algo) -> None:
@@ -113,13 +120,6 @@ def group_advantages(rollouts: list[dict], cfg, algo) -> None:
                                                   scale_by_std=cfg.rl.scale_by_std)
     for r, a in zip(rollouts, adv[:, 0].tolist(), strict=True):
         r["advantage"] = a
-
-
-def mixed_groups(rollouts: list[dict], n: int) -> float:
-    """Share of consecutive groups of ``n`` rollouts (one prompt's) whose scores are not all equal:
-    the groups that carry a nonzero group-relative advantage."""
-    groups = [[r["score"] for r in rollouts[k : k + n]] for k in range(0, len(rollouts), n)]
-    return sum(max(g) > min(g) for g in groups) / max(1, len(groups))
 
 
 def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[dict]:
@@ -139,6 +139,8 @@ def prepare_batches(u: PolicyUpdate, rollouts: list[dict], pad_id: int) -> list[
         for k in range(0, len(rollouts), mb):
             part = rollouts[k : k + mb]
             b = {key: v.to(u.device) for key, v in collate_rollouts(part, pad_id).items()}
+            if u.crops_logits:
+                response_window(b)
             logits, values = u.forward(b)
             b["old_logp"], mask = token_logps(logits, b["labels"], u.temperature)  # (B, T-1)
             b["mask"] = mask.float()
@@ -251,12 +253,12 @@ def reference(cfg, model_dir: str, lm, device):
     if cfg.adapter is not None:  # the base with adapters disabled: no second copy of the weights
         def ref_peft(b):
             with lm.disable_adapter():
-                return lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                return lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **logits_kwargs(b)).logits
         return ref_peft
     from rayapp.models.io import load_causal_lm
 
     ref = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval().requires_grad_(False)
-    return lambda b: ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return lambda b: ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **logits_kwargs(b)).logits
 
 
 def rlhf_worker(config: dict) -> None:
@@ -385,9 +387,7 @@ def rlhf_worker(config: dict) -> None:
             if ckpt_dir or done:
                 w.store.push("metrics.jsonl")  # the rows up to this checkpoint, before it is registered
         if ckpt_dir:
-            # Only at checkpoints, as the supervised loop: a report waits until Ray Train's controller has
-            # taken the previous one, which it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s). Reported
-            # every iteration, that capped a 0.7 s iteration at one per 2 s. metrics.jsonl has every iteration.
+            # Checkpoints only (as loop.fit): Ray Train v2 holds a report until its controller polls (2 s).
             w.reporter.report(m, ckpt_dir)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     sync.close()

@@ -138,3 +138,46 @@ def collate_rollouts(rollouts: list[dict], pad_id: int) -> dict:
             rollout_logp[i, p - 1 : p - 1 + g] = torch.tensor(r["rollout_logps"], dtype=torch.float32)
         out["rollout_logp"] = rollout_logp
     return out
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether ``model``'s forward (inside DDP and peft wrappers) takes ``logits_to_keep``, as
+    transformers' causal LMs do."""
+    import inspect
+
+    from rayapp.training.parallel import unwrap
+
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
+def logits_kwargs(batch: dict) -> dict:
+    """The forward's ``logits_to_keep`` when :func:`response_window` cut the batch, else nothing."""
+    return {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
+
+
+def response_window(b: dict) -> None:
+    """Cut a collated batch to the positions its log-probs need, in place: the LM head (a vocab-wide
+    matmul, most of a small model's compute) then runs at the K = T - p0 + 1 last positions, p0 being
+    the earliest response token of any row (the prompts before it are still attended to), instead of
+    at all T. ``labels`` and ``rollout_logp`` keep their last K and K - 1 columns, so token_logps on
+    the K logits gives the same (B, K-1) log-probs as the last K-1 columns of the uncut (B, T-1) ones;
+    ``logits_to_keep`` = K goes to the model's forward (TRL's GRPO does the same)."""
+    from rayapp.algorithms import IGNORE_INDEX
+
+    labels = b["labels"]
+    t = labels.shape[1]
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if len(labelled) == 0:
+        return
+    k = min(t, t - int(labelled[0]) + 1)
+    b["labels"] = labels[:, t - k :]
+    if "rollout_logp" in b:
+        b["rollout_logp"] = b["rollout_logp"][:, t - k :]
+    b["logits_to_keep"] = k
+
+
+def mixed_groups(rollouts: list[dict], n: int) -> float:
+    """Share of consecutive groups of ``n`` rollouts (one prompt's) whose scores are not all equal:
+    the groups that carry a nonzero group-relative advantage."""
+    groups = [[r["score"] for r in rollouts[k : k + n]] for k in range(0, len(rollouts), n)]
+    return sum(max(g) > min(g) for g in groups) / max(1, len(groups))

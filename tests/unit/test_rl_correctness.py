@@ -169,10 +169,12 @@ def test_old_log_probs_are_taken_at_the_sampling_temperature(tiny_model_dir, tin
     lm.eval()
     with torch.no_grad():
         logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-    want = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, b["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    w = b["old_logp"].shape[1]  # the response window (response_window): the last w of the T-1 positions
+    labels = b["labels"][:, 1:].clamp(min=0).unsqueeze(-1)
+    want = torch.log_softmax(logits[:, -w:] / 0.7, dim=-1).gather(-1, labels).squeeze(-1)
     m = b["mask"].bool()
     assert torch.allclose(b["old_logp"][m], want[m], atol=1e-5)
-    at_one = torch.log_softmax(logits, dim=-1).gather(-1, b["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    at_one = torch.log_softmax(logits[:, -w:], dim=-1).gather(-1, labels).squeeze(-1)
     assert not torch.allclose(b["old_logp"][m], at_one[m], atol=1e-3)
 
 
@@ -192,6 +194,37 @@ def test_first_update_sees_ratio_one_with_lora_dropout_and_temperature(tiny_mode
     assert sums["clip_fraction"] == 0.0
     assert any(isinstance(m, torch.nn.Dropout) for m in u.model.modules())  # LoRA's dropout is there, at p = 0
     assert all(m.p == 0.0 for m in u.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_update_on_the_response_window_equals_the_update_on_every_position(tiny_model_dir, tiny_tokenizer):
+    """response_window: the LM head at the response positions only gives the same old log-probs,
+    the same engine log-probs' alignment and the same gradients as the LM head at every position."""
+    from rayapp.training.rlhf import group_advantages, prepare_batches, update
+
+    rollouts = _rollouts(tiny_tokenizer)
+    rollouts[1] = {**rollouts[1], "prompt_ids": rollouts[1]["prompt_ids"] + [7, 8, 9]}  # prompts of unequal length
+    for r in rollouts:
+        r["rollout_logps"] = [-0.1 * (i + 1) for i in range(len(r["response_ids"]))]
+    runs = {}
+    for crop in (True, False):
+        u, _ = _policy_update(tiny_model_dir, 0.7)
+        assert u.crops_logits
+        u.__dict__["crops_logits"] = crop
+        rs = [dict(r) for r in rollouts]
+        group_advantages(rs, u.cfg, u.algo)
+        batches = prepare_batches(u, rs, tiny_tokenizer.pad_token_id)
+        update(u, batches)
+        runs[crop] = batches, {n: p.detach().clone() for n, p in u.model.named_parameters() if p.requires_grad}
+    (cut, p_cut), (full, p_full) = runs[True], runs[False]
+    for c, f in zip(cut, full, strict=True):
+        w = c["old_logp"].shape[1]
+        assert w < f["old_logp"].shape[1] and c["logits_to_keep"] == w + 1
+        assert not f["mask"][:, :-w].any()  # nothing labelled before the window
+        for key in ("old_logp", "mask", "rollout_logp", "is_weights", "adv"):
+            assert torch.allclose(c[key], f[key][:, -w:], atol=1e-5), key
+    assert p_cut.keys() == p_full.keys()
+    for n in p_cut:
+        assert torch.allclose(p_cut[n], p_full[n], atol=1e-5), n
 
 
 def test_dpo_policy_and_reference_passes_agree_with_lora_dropout(tiny_model_dir):
@@ -278,7 +311,7 @@ def test_reward_model_scores_conversations_as_it_was_trained(tiny_model_dir, tmp
 # -- diagnostics: which groups carry a GRPO advantage ------------------------------------------------
 def test_groups_mixed_counts_groups_whose_rewards_differ_and_their_advantages_are_the_only_nonzero():
     from rayapp.algorithms.rl import grpo_advantages
-    from rayapp.training.rlhf import mixed_groups
+    from rayapp.training.rlhf_rollout import mixed_groups
 
     scores = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # all wrong, all right, one right of four
     assert mixed_groups([{"score": s} for s in scores], 4) == pytest.approx(1 / 3)

@@ -51,7 +51,8 @@ def test_one_update_moves_probability_towards_the_rewarded_sample(tiny_model_dir
     lm = load_causal_lm(tiny_model_dir)
     model = CausalLMWithValueHead(lm) if algo.critic else lm
     ref_model = load_causal_lm(tiny_model_dir).eval()
-    ref = lambda b: ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # noqa: E731
+    ref = lambda b: ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],  # noqa: E731
+                              logits_to_keep=b.get("logits_to_keep", 0)).logits
     opt = build_optimizer(model, cfg.train, 10)
     u = PolicyUpdate(cfg, algo, model, opt, ref)
     rollouts = _rollouts(tiny_tokenizer)
