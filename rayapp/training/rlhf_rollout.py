@@ -157,11 +157,12 @@ def logits_kwargs(batch: dict) -> dict:
 
 def response_window(b: dict) -> None:
     """Cut a collated batch to the positions its log-probs need, in place: the LM head (a vocab-wide
-    matmul: a fifth of SmolLM2-135M's forward, its logits (B, T, 49152)) then runs at the K = T - p0 + 1 last positions, p0 being
-    the earliest response token of any row (the prompts before it are still attended to), instead of
-    at all T. ``labels`` and ``rollout_logp`` keep their last K and K - 1 columns, so token_logps on
-    the K logits gives the same (B, K-1) log-probs as the last K-1 columns of the uncut (B, T-1) ones;
-    ``logits_to_keep`` = K goes to the model's forward (TRL's GRPO does the same)."""
+    matmul: a fifth of SmolLM2-135M's forward, and its (B, T, 49152) logits) then runs at the
+    K = T - p0 + 1 last positions, p0 being the earliest response token of any row (the prompts
+    before it are still attended to), instead of at all T. ``labels`` and ``rollout_logp`` keep
+    their last K and K - 1 columns, so token_logps on the K logits gives the same (B, K-1) log-probs
+    as the last K-1 columns of the uncut (B, T-1) ones; ``logits_to_keep`` = K goes to the model's
+    forward (TRL's GRPO does the same)."""
     from rayapp.algorithms import IGNORE_INDEX
 
     labels = b["labels"]
