@@ -358,12 +358,14 @@ def fit(
                 last_print = now
             if at_checkpoint and publish_metrics is not None:
                 publish_metrics()
-        if at_checkpoint:
-            # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
-            # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
-            reporter.report(metrics, ckpt_dir)
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        try:
+            if at_checkpoint:
+                # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
+                # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
+                reporter.report(metrics, ckpt_dir)
+        finally:  # a failed report (storage full or unreachable) must not leave a model-sized copy in /tmp
+            if ckpt_dir:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         last_metrics = metrics
     if rank == 0 and publish_metrics is not None:
         publish_metrics()

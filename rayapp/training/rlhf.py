@@ -388,8 +388,10 @@ def rlhf_worker(config: dict) -> None:
                 w.store.push("metrics.jsonl")  # the rows up to this checkpoint, before it is registered
         if ckpt_dir:
             # Checkpoints only (as loop.fit): Ray Train v2 holds a report until its controller polls (2 s).
-            w.reporter.report(m, ckpt_dir)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            try:
+                w.reporter.report(m, ckpt_dir)
+            finally:  # as loop.fit: no copy left behind in /tmp when the report fails
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
     sync.close()
     export_model(policy_of(model), tokenizer, cfg, w)  # the policy without the value head
 

@@ -120,6 +120,23 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(fresh_mode
     assert full.metrics["loss"] == pytest.approx(resumed.metrics["loss"], rel=1e-4)
 
 
+class _StorageFull(LocalReporter):
+    """A reporter whose store fails, as a full disk or an unreachable bucket does."""
+
+    def report(self, metrics, checkpoint_dir):
+        self.offered = checkpoint_dir
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_report_leaves_no_checkpoint_copy_behind(fresh_model, tmp_path):
+    import os
+
+    reporter = _StorageFull(tmp_path / "ckpt")
+    with pytest.raises(OSError, match="No space left"):
+        _run(fresh_model(), _examples(16, 1000), micro=4, steps=2, reporter=reporter, checkpoint_every=1)
+    assert reporter.offered and not os.path.exists(reporter.offered)  # the model-sized temporary copy is removed
+
+
 def test_ema_teacher_state_is_checkpointed_and_restored_on_resume(fresh_model, tmp_path):
     """An EMA copy of the student (self-distillation) changes every step outside model and optimizer:
     a killed-then-resumed run must end with the same EMA weights as an uninterrupted one."""

@@ -366,8 +366,10 @@ def on_policy_worker(config: dict) -> None:
             # Only at checkpoints, as the supervised loop: a report waits until Ray Train's controller has
             # taken the previous one, which it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s). Reported
             # every iteration, that capped a 0.7 s iteration at one per 2 s. metrics.jsonl has every iteration.
-            w.reporter.report(m, ckpt_dir)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            try:
+                w.reporter.report(m, ckpt_dir)
+            finally:  # as loop.fit: no copy left behind in /tmp when the report fails
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
     sync.close()
     export_model(model, tokenizer, cfg, w)
 
