@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
@@ -146,6 +147,17 @@ def save_checkpoint(model, optimizer, step: int, optimizer_steps: int, extra_mod
         with open(os.path.join(d, "meta.json"), "w") as f:
             json.dump({"step": step, "format": FORMAT, "world_size": world}, f)
     return d
+
+
+def report_and_remove(reporter, metrics: dict, checkpoint_dir: str | None) -> None:
+    """``reporter.report(metrics, checkpoint_dir)``, then remove the temporary directory
+    :func:`save_checkpoint` wrote, also when the report fails (storage full or unreachable): a
+    failed report must not leave a model-sized copy behind in /tmp."""
+    try:
+        reporter.report(metrics, checkpoint_dir)
+    finally:
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def load_checkpoint(path: str, model, optimizer, extra_modules: dict | None = None) -> tuple[int, int]:

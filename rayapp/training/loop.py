@@ -33,7 +33,13 @@ import torch
 import torch.distributed as dist
 
 from rayapp.algorithms.sft import response_mask
-from rayapp.training.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, truncate_metrics
+from rayapp.training.checkpoint import (
+    load_checkpoint,
+    report_and_remove,
+    save_checkpoint,
+    select_checkpoint,
+    truncate_metrics,
+)
 from rayapp.training.parallel import clip_grad_norm
 
 if TYPE_CHECKING:  # the loop itself needs no pydantic: bench/gpu_train_step.py runs it with torch + transformers only
@@ -358,14 +364,10 @@ def fit(
                 last_print = now
             if at_checkpoint and publish_metrics is not None:
                 publish_metrics()
-        try:
-            if at_checkpoint:
-                # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
-                # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
-                reporter.report(metrics, ckpt_dir)
-        finally:  # a failed report (storage full or unreachable) must not leave a model-sized copy in /tmp
-            if ckpt_dir:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if at_checkpoint:
+            # Ray Train's report is a barrier through its controller (~0.1-1 s): only at checkpoints.
+            # Every rank reaches the same steps here, as the barrier requires; metrics.jsonl has every step.
+            report_and_remove(reporter, metrics, ckpt_dir)
         last_metrics = metrics
     if rank == 0 and publish_metrics is not None:
         publish_metrics()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -270,7 +269,7 @@ def rlhf_worker(config: dict) -> None:
     from rayapp.models.io import load_tokenizer
     from rayapp.models.value_head import policy_of
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
-    from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
+    from rayapp.training.checkpoint import report_and_remove, save_checkpoint, truncate_metrics
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
     from rayapp.training.rlhf_rollout import collect_rollouts
     from rayapp.training.rlhf_sync import check_sync, record_placement
@@ -388,10 +387,7 @@ def rlhf_worker(config: dict) -> None:
                 w.store.push("metrics.jsonl")  # the rows up to this checkpoint, before it is registered
         if ckpt_dir:
             # Checkpoints only (as loop.fit): Ray Train v2 holds a report until its controller polls (2 s).
-            try:
-                w.reporter.report(m, ckpt_dir)
-            finally:  # as loop.fit: no copy left behind in /tmp when the report fails
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            report_and_remove(w.reporter, m, ckpt_dir)
     sync.close()
     export_model(policy_of(model), tokenizer, cfg, w)  # the policy without the value head
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -271,7 +270,7 @@ def on_policy_worker(config: dict) -> None:
     from rayapp.data.readers import read_jsonl
     from rayapp.models.io import load_tokenizer
     from rayapp.teachers.weight_sync import build_weight_sync, resolve_transport
-    from rayapp.training.checkpoint import save_checkpoint, truncate_metrics
+    from rayapp.training.checkpoint import report_and_remove, save_checkpoint, truncate_metrics
     from rayapp.training.launch import build_model as load_student
     from rayapp.training.launch import worker_context
     from rayapp.training.loop import all_reduce_sums, build_optimizer, global_batch_indices
@@ -366,10 +365,7 @@ def on_policy_worker(config: dict) -> None:
             # Only at checkpoints, as the supervised loop: a report waits until Ray Train's controller has
             # taken the previous one, which it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s). Reported
             # every iteration, that capped a 0.7 s iteration at one per 2 s. metrics.jsonl has every iteration.
-            try:
-                w.reporter.report(m, ckpt_dir)
-            finally:  # as loop.fit: no copy left behind in /tmp when the report fails
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            report_and_remove(w.reporter, m, ckpt_dir)
     sync.close()
     export_model(model, tokenizer, cfg, w)
 
